@@ -1,0 +1,59 @@
+"""Test-set evaluation that counts every image exactly once."""
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model, loader, gather=None) -> dict:
+    """Accuracy and mean cross-entropy over every sample the loader yields.
+
+    ``gather`` merges per-sample values across processes; with Accelerate pass
+    ``accelerator.gather_for_metrics``, which also drops the duplicates that
+    pad the last batch, so the count is exactly the dataset size.
+    """
+    model.eval()
+    losses, hits = [], []
+    for images, labels in loader:
+        logits = model(images).float()
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        hit = (logits.argmax(1) == labels).float()  # float: gloo cannot all-gather bools
+        if gather is not None:
+            loss, hit = gather((loss, hit))
+        losses.append(loss)
+        hits.append(hit)
+    losses, hits = torch.cat(losses), torch.cat(hits)
+    correct, samples = int(hits.sum().item()), hits.numel()
+    return {
+        "test_accuracy": correct / samples,
+        "test_loss": losses.double().mean().item(),
+        "test_samples": samples,
+        "test_correct": correct,
+    }
+
+
+def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, download: bool = True, cpu: bool = False) -> dict:
+    """Test metrics of a checkpoint (or a run dir's latest), across however many processes were launched."""
+    from . import checkpoint, data
+    from .launch import make_accelerator
+
+    if batch_size <= 0:
+        from .errors import UserError
+
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+    accelerator = make_accelerator(cpu=cpu)
+    try:
+        model, _ = checkpoint.load_model(checkpoint.resolve_checkpoint(path))
+        with accelerator.main_process_first():
+            test_set = data.TensorBatches(*data.load_split(data.resolve_data_dir(data_dir), "test", download))
+        if accelerator.device.type != "cpu":
+            test_set = test_set.to(accelerator.device)
+        model, loader = accelerator.prepare(model, data.make_loader(test_set, batch_size, shuffle=False))
+        metrics = evaluate(model, loader, accelerator.gather_for_metrics)
+        metrics["processes"] = accelerator.num_processes
+        accelerator.print(
+            f"Test result: Accuracy: {100 * metrics['test_accuracy']:.2f}% "
+            f"({metrics['test_correct']}/{metrics['test_samples']}), Avg loss: {metrics['test_loss']:.6f}"
+        )
+        return metrics
+    finally:
+        accelerator.end_training()

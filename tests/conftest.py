@@ -1,0 +1,69 @@
+"""Shared fixtures: the real MNIST files, a CLI runner, and one short-trained run reused by many tests."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+
+def data_dir() -> Path:
+    path = Path(os.environ.get("MNIST_DATA_DIR") or DEFAULT_DATA)
+    if not (path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+        pytest.exit(f"MNIST not found under {path}: set MNIST_DATA_DIR to a torchvision root holding MNIST/raw", 2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    return data_dir()
+
+
+def cpu_env(**extra) -> dict:
+    """Environment for child processes: real MNIST, unbuffered output, the CPU even if a GPU is present."""
+    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir()), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def run(args, timeout=600, env=None, check=True, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run a command as a user would; on an unexpected exit code, show its output."""
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env or cpu_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def train_job(*args, **kwargs) -> subprocess.CompletedProcess:
+    return run([sys.executable, "jobs/train.py", *args], **kwargs)
+
+
+def accelerate_launch(*args, **kwargs) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "accelerate.commands.launch", *args], **kwargs)
+
+
+def file_hashes(folder: Path) -> dict:
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One epoch of 400 batches with the tutorial recipe: a real, decent checkpoint (~98%)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train_job("--output-dir", out, "--epochs", 1, "--limit-batches", 400)
+    return out
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the trained run, for tests that write into a run dir."""
+    dest = tmp_path / "run"
+    shutil.copytree(trained_run, dest)
+    return dest

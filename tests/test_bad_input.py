@@ -1,0 +1,66 @@
+"""Bad input: one clear line, a non-zero exit, and nothing on disk overwritten."""
+import pytest
+
+from conftest import file_hashes, train_job
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--batch-size", "-8"], "--batch-size must be a positive integer"),
+        (["--resume", "missing.pt"], "does not exist"),
+        (["--data-dir", "/nonexistent/mnist", "--no-download", "--resume", "latest", "--epochs", "2"],
+         "MNIST not found under /nonexistent/mnist"),
+        (["--epochs", "2"], "already holds a training run"),
+    ],
+)
+def test_bad_input_leaves_an_existing_run_untouched(run_copy, args, message):
+    before = file_hashes(run_copy)
+    proc = train_job("--output-dir", run_copy, *args, check=False)
+    assert_one_line_error(proc, message)
+    assert file_hashes(run_copy) == before
+
+
+def test_corrupt_resume_checkpoint(run_copy):
+    bad = run_copy / "checkpoints" / "epoch_0002.pt"
+    bad.write_bytes(b"not a checkpoint")
+    before = file_hashes(run_copy)
+    proc = train_job("--output-dir", run_copy, "--epochs", 3, "--resume", bad, check=False)
+    assert_one_line_error(proc, "is corrupt or not a mnist-dist checkpoint")
+    assert file_hashes(run_copy) == before
+
+
+def test_truncated_resume_checkpoint(run_copy):
+    good = run_copy / "checkpoints" / "epoch_0001.pt"
+    truncated = run_copy / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    proc = train_job("--output-dir", run_copy, "--epochs", 3, "--resume", truncated, check=False)
+    assert_one_line_error(proc, "truncated.pt is corrupt")
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    proc = train_job("--output-dir", blocker / "run", "--epochs", 1, check=False)
+    assert_one_line_error(proc, "is not writable")
+    assert blocker.read_text() == "keep me"
+
+
+def test_onecycle_run_refuses_a_changed_epoch_count(tmp_path):
+    out = tmp_path / "run"
+    train_job("--output-dir", out, "--epochs", 2, "--limit-batches", 2, "--schedule", "onecycle")
+    before = file_hashes(out)
+    proc = train_job("--output-dir", out, "--epochs", 3, "--limit-batches", 2, "--schedule", "onecycle",
+                     "--resume", "latest", check=False)
+    assert_one_line_error(proc, "planned for 2 epochs", "--epochs 2")
+    assert file_hashes(out) == before

@@ -1,0 +1,143 @@
+"""End-to-end training runs on real MNIST, launched as users launch them."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import ROOT, accelerate_launch, cpu_env, run, train_job
+from mnist_dist import checkpoint
+from mnist_dist.atomic import read_jsonl
+
+METRIC_KEYS = {"epoch", "train_loss", "test_accuracy", "test_loss", "test_samples", "images_per_s", "wall_s"}
+
+
+def test_short_run_learns_and_writes_everything(trained_run):
+    final = json.loads((trained_run / "metrics.json").read_text())
+    # Measured: 400 batches of 64 (a third of an epoch) reach about 98%.
+    assert final["test_accuracy"] >= 0.97
+    assert final["test_samples"] == 10_000
+    assert METRIC_KEYS | {"processes", "global_batch"} <= final.keys()
+    assert (final["processes"], final["global_batch"], final["train_images"]) == (1, 64, 400 * 64)
+    rows = read_jsonl(trained_run / "metrics.jsonl")
+    assert len(rows) == 1 and METRIC_KEYS <= rows[0].keys()
+    config = json.loads((trained_run / "config.json").read_text())
+    assert (config["lr"], config["batch_size"], config["epochs"]) == (1e-3, 64, 1)
+    model, state = checkpoint.load_model(checkpoint.latest_checkpoint(trained_run))
+    assert state["epoch"] == 1 and {"optimizer", "rng", "model_config"} <= state.keys()
+
+
+def test_prints_what_the_tutorial_prints(tmp_path):
+    proc = train_job("--output-dir", tmp_path / "out", "--epochs", 1, "--limit-batches", 4, "--log-every", 2)
+    out = proc.stdout
+    assert "Training images: 60000, test images: 10000" in out
+    assert "Using cpu device, 1 process(es)" in out
+    assert "Global batch: 64 per process x 1 = 64" in out
+    assert "(out): Linear(in_features=3136, out_features=10" in out
+    assert out.count("loss: ") >= 2 and "[batch    4/4]" in out
+    assert "Test result: Accuracy:" in out and "/10000)" in out and "images/s" in out
+
+
+def final_weights(run_dir):
+    return checkpoint.load(checkpoint.latest_checkpoint(run_dir))["model"]
+
+
+def assert_same_weights(run_a, run_b):
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
+    common = ["--limit-batches", 15, "--log-every", 1000]
+    train_job("--output-dir", tmp_path / "straight", "--epochs", 3, *common)
+    train_job("--output-dir", tmp_path / "split", "--epochs", 2, *common)
+    train_job("--output-dir", tmp_path / "split", "--epochs", 3, "--resume", "latest", *common)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    rows = read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert [(r["epoch"], r["run"]) for r in rows] == [(1, 1), (2, 1), (3, 2)]
+    assert rows[-1]["test_accuracy"] == read_jsonl(tmp_path / "straight" / "metrics.jsonl")[-1]["test_accuracy"]
+
+
+ONECYCLE = ["--epochs", 3, "--limit-batches", 15, "--schedule", "onecycle", "--lr", "3e-3", "--log-every", 5]
+
+
+def test_sigkill_mid_epoch_then_resume_to_completion(tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "jobs/train.py", "--output-dir", out, *ONECYCLE]
+    proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        in_epoch_2 = False
+        for line in proc.stdout:  # kill once epoch 2 is under way
+            in_epoch_2 = in_epoch_2 or line.startswith("Epoch 2")
+            if in_epoch_2 and line.startswith("loss:") and "[batch    5/15]" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["epoch_0001.pt"]
+    checkpoint.load_model(checkpoint.latest_checkpoint(out))  # still loadable
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+
+    resumed = train_job("--output-dir", out, *ONECYCLE, "--resume", "latest")
+    assert "after epoch 1" in resumed.stdout
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((out / "metrics.json").read_text())["epoch"] == 3
+    # The interrupted run ends exactly where an uninterrupted one does, schedule included.
+    train_job("--output-dir", tmp_path / "straight", *ONECYCLE)
+    assert_same_weights(tmp_path / "straight", out)
+
+
+def two_gloo_processes():
+    return ["--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
+def test_two_gloo_processes_count_every_test_image_once(tmp_path):
+    out = tmp_path / "out"
+    # Eval batch 300 x 2 processes does not divide 10,000: the last batch is padded, and must not be counted.
+    accelerate_launch(*two_gloo_processes(), "jobs/train.py", "--output-dir", out, "--epochs", 1,
+                      "--limit-batches", 20, "--eval-batch-size", 300, env=cpu_env(ACCELERATE_USE_CPU="1"))
+    final = json.loads((out / "metrics.json").read_text())
+    assert (final["processes"], final["global_batch"], final["test_samples"]) == (2, 128, 10_000)
+    assert final["train_images"] == 20 * 128
+
+    single = run([sys.executable, "jobs/evaluate.py", out, "--batch-size", 1000, "--json", tmp_path / "one.json"])
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["processes"] == 1 and one["test_samples"] == 10_000
+    assert one["test_correct"] == final["test_correct"]
+    assert abs(one["test_loss"] - final["test_loss"]) < 1e-5
+    assert "Accuracy" in single.stdout
+
+
+def test_two_processes_without_the_cpu_flag_still_join_over_gloo(tmp_path):
+    # No ACCELERATE_USE_CPU: the job itself must notice there is no GPU and join the processes.
+    out = tmp_path / "out"
+    accelerate_launch(*two_gloo_processes(), "jobs/train.py", "--output-dir", out, "--epochs", 1,
+                      "--limit-batches", 5)
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+
+
+def test_two_machines_on_loopback_train_together(tmp_path):
+    out = tmp_path / "out"
+    port = 29_500 + (hash(str(tmp_path)) % 1000)
+    machines = ["--multi_gpu", "--num_machines", 2, "--num_processes", 2, "--main_process_ip", "127.0.0.1",
+                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
+    job = ["jobs/train.py", "--output-dir", out, "--epochs", 1, "--limit-batches", 10]
+    env = cpu_env(ACCELERATE_USE_CPU="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *machines]
+    worker = subprocess.Popen([str(a) for a in [*launch, "--machine_rank", 1, *job]], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        run([*launch, "--machine_rank", 0, *job], env=env, timeout=300)
+        assert worker.wait(timeout=120) == 0, worker.stderr.read()
+    finally:
+        worker.kill()
+    final = json.loads((out / "metrics.json").read_text())
+    assert (final["processes"], final["global_batch"], final["test_samples"]) == (2, 128, 10_000)
+    assert final["train_images"] == 10 * 128
