@@ -89,5 +89,40 @@ def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu):
         atomic.write_json(json_path, metrics)
 
 
+@main.command("export")
+@click.option("--checkpoint", "source", required=True, type=click.Path(),
+              help="A checkpoint file, or a training --output-dir (its latest checkpoint).")
+@click.option("--out-dir", required=True, type=click.Path(), help="Folder to create with the exported models.")
+@data_dir_option
+@click.option("--force", is_flag=True, help="Replace --out-dir if it exists (only once the new export is valid).")
+@click.option("--download/--no-download", default=True, show_default=True,
+              help="Let torchvision download MNIST when it is not found.")
+@friendly_errors
+def export_command(source, out_dir, data_dir, force, download):
+    """Export a checkpoint to TorchScript, ONNX and torch.export, validated on all 10,000 test images.
+
+    The folder appears only when every artifact matches PyTorch; a failed export leaves nothing behind."""
+    from .export import export_model
+    from .validate import format_report
+
+    manifest, results = export_model(source, out_dir, data_dir, force, download, log=click.echo)
+    click.echo(format_report(results))
+    click.echo(f"Wrote {', '.join(manifest['files'])} and manifest.json to {out_dir}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@data_dir_option
+@click.option("--download/--no-download", default=True, show_default=True,
+              help="Let torchvision download MNIST when it is not found.")
+@friendly_errors
+def validate(model_dir, data_dir, download):
+    """Re-check an export folder: hashes, the ONNX checker, and parity with PyTorch on the test set."""
+    from .validate import format_report, validate_folder
+
+    click.echo(format_report(validate_folder(model_dir, data_dir, download)))
+    click.echo(f"{model_dir}: all artifacts match PyTorch")
+
+
 if __name__ == "__main__":
     main()

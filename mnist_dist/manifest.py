@@ -1,0 +1,78 @@
+"""The exported model's contract and manifest.
+
+Every consumer (validate, bench, predict) reads the input contract from
+``manifest.json`` beside the model files instead of assuming it.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+OPSET = 18  # supported by every onnxruntime since 1.14
+ARTIFACTS = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
+REFERENCE = "reference.pt"  # the eager weights every artifact is checked against
+
+
+def contract(model_config: dict) -> dict:
+    """What a model expects and returns; the same for every artifact in the folder."""
+    return {
+        "input": {
+            "name": "images",
+            "shape": ["batch", model_config["in_channels"], 28, 28],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "scale": 1 / 255,
+            "scaling": "pixel / 255: uint8 0..255 to float 0..1, as torchvision's ToTensor",
+            "polarity": "white digit on a black background",
+            "framing": "digit fitted in the central 20x20 box and centred by centre of mass, as MNIST",
+        },
+        "output": {"name": "logits", "shape": ["batch", model_config["num_classes"]], "dtype": "float32",
+                   "note": "unnormalised scores: apply softmax for probabilities"},
+        "classes": [str(i) for i in range(model_config["num_classes"])],
+    }
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(path) -> dict:
+    path = Path(path)
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def load(model_dir) -> dict:
+    """Read ``manifest.json`` from an export folder, or raise a one-line UserError."""
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no {MANIFEST}: export a model first (mnist-dist export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e})") from e
+    for key in ("input", "output", "classes", "files"):
+        if key not in manifest:
+            raise UserError(f"{path} is not a mnist-dist manifest (no '{key}')")
+    return manifest
+
+
+def find_for_model(model_path) -> dict:
+    """The manifest beside a model file."""
+    return load(Path(model_path).parent)
+
+
+def check_hashes(model_dir, manifest: dict) -> list:
+    """Names of listed files that are missing or differ from their recorded sha256."""
+    bad = []
+    for name, recorded in manifest["files"].items():
+        path = Path(model_dir) / name
+        if not path.is_file() or sha256(path) != recorded["sha256"]:
+            bad.append(name)
+    return bad
