@@ -1,6 +1,5 @@
 """The ``mnist-dist`` command group. Each command is a thin shell over a library module."""
 import functools
-import warnings
 
 import click
 
@@ -32,21 +31,40 @@ data_dir_option = click.option(
 )
 
 
+download_option = click.option("--download/--no-download", default=True, show_default=True,
+                               help="Let torchvision download MNIST when it is not found.")
+
+
+def recipe_help(name: str, text: str) -> str:
+    from .config import PRESETS
+
+    defaults = ", ".join(f"{preset} {values[name]}" for preset, values in PRESETS.items())
+    return f"{text} [preset defaults: {defaults}]"
+
+
 @main.command()
 @data_dir_option
 @click.option("--output-dir", default="runs/mnist", show_default=True, type=click.Path(),
               help="Where checkpoints, metrics and the resolved config go.")
-@click.option("--epochs", default=8, show_default=True, type=int, help="Epochs to train (in total, when resuming).")
-@click.option("--batch-size", default=64, show_default=True, type=int,
-              help="Batch size PER PROCESS; the global batch is this times the number of processes.")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate (peak rate for onecycle).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation and shuffling.")
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,
-              help="Autocast precision (bf16 works on recent CPUs and GPUs; fp16 needs a GPU).")
-@click.option("--schedule", type=click.Choice(["constant", "onecycle"]), default="constant", show_default=True,
-              help="Learning-rate schedule.")
-@click.option("--channels-last/--no-channels-last", default=False, show_default=True,
-              help="Use the channels_last memory format for convolutions.")
+@click.option("--preset", type=click.Choice(["tutorial", "fast", "best"]), default=None,
+              help="Recipe: 'tutorial' (the tutorial exactly), 'fast' (default), 'best' (highest accuracy). "
+                   "Options below override single knobs. When resuming, the run's own recipe is kept.")
+@click.option("--epochs", type=int, default=None, help=recipe_help("epochs", "Epochs in total (also when resuming)."))
+@click.option("--batch-size", type=int, default=None,
+              help=recipe_help("batch_size", "Batch size PER PROCESS; the global batch is this x processes."))
+@click.option("--lr", type=float, default=None, help=recipe_help("lr", "Adam learning rate (the peak for onecycle)."))
+@click.option("--schedule", type=click.Choice(["constant", "onecycle"]), default=None,
+              help=recipe_help("schedule", "Learning-rate schedule."))
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default=None,
+              help=recipe_help("mixed_precision", "Autocast precision; auto = bf16 on CPUs with native bf16 "
+                               "(AMX/AVX-512-BF16), fp32 elsewhere (measured faster on GPUs for this CNN). "
+                               "fp16 needs a GPU."))
+@click.option("--channels-last/--no-channels-last", default=None,
+              help=recipe_help("channels_last", "channels_last memory format for the convolutions."))
+@click.option("--label-smoothing", type=float, default=None, help=recipe_help("label_smoothing", "Label smoothing."))
+@click.option("--augment/--no-augment", default=None,
+              help=recipe_help("augment", "Random small rotation, scale and shift of training images."))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation, shuffling, augmentation.")
 @click.option("--eval-batch-size", default=1000, show_default=True, type=int, help="Test batch size per process.")
 @click.option("--resume", metavar="PATH|latest", default=None,
               help="Continue from a checkpoint file, or 'latest' in --output-dir, after its last finished epoch.")
@@ -54,8 +72,7 @@ data_dir_option = click.option(
               help="Train at most N batches per epoch (smoke runs); evaluation still covers the whole test set.")
 @click.option("--log-every", default=200, show_default=True, type=int, help="Print the loss every N batches.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in an --output-dir that already holds a run.")
-@click.option("--download/--no-download", default=True, show_default=True,
-              help="Let torchvision download MNIST when it is not found.")
+@download_option
 @click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
 @friendly_errors
 def train(**options):
@@ -71,8 +88,7 @@ def train(**options):
 @data_dir_option
 @click.option("--batch-size", default=1000, show_default=True, type=int, help="Test batch size per process.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
-@click.option("--download/--no-download", default=True, show_default=True,
-              help="Let torchvision download MNIST when it is not found.")
+@download_option
 @click.option("--cpu", is_flag=True, help="Evaluate on the CPU even when a GPU is present.")
 @friendly_errors
 def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu):
@@ -95,8 +111,7 @@ def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu):
 @click.option("--out-dir", required=True, type=click.Path(), help="Folder to create with the exported models.")
 @data_dir_option
 @click.option("--force", is_flag=True, help="Replace --out-dir if it exists (only once the new export is valid).")
-@click.option("--download/--no-download", default=True, show_default=True,
-              help="Let torchvision download MNIST when it is not found.")
+@download_option
 @friendly_errors
 def export_command(source, out_dir, data_dir, force, download):
     """Export a checkpoint to TorchScript, ONNX and torch.export, validated on all 10,000 test images.
@@ -113,8 +128,7 @@ def export_command(source, out_dir, data_dir, force, download):
 @main.command()
 @click.argument("model_dir", type=click.Path())
 @data_dir_option
-@click.option("--download/--no-download", default=True, show_default=True,
-              help="Let torchvision download MNIST when it is not found.")
+@download_option
 @friendly_errors
 def validate(model_dir, data_dir, download):
     """Re-check an export folder: hashes, the ONNX checker, and parity with PyTorch on the test set."""
@@ -122,6 +136,148 @@ def validate(model_dir, data_dir, download):
 
     click.echo(format_report(validate_folder(model_dir, data_dir, download)))
     click.echo(f"{model_dir}: all artifacts match PyTorch")
+
+
+@main.command()
+@data_dir_option
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--start", default=59_000, show_default=True, type=int, help="Index of the first image shown.")
+@click.option("--count", default=9, show_default=True, type=int, help="How many images (laid out in a square).")
+@click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
+              help="PNG file to write.")
+@download_option
+@friendly_errors
+def preview(data_dir, split, start, count, out, download):
+    """The tutorial's sample grid: images START.. of a split, each titled with its label."""
+    from . import data, plots
+
+    root = data.resolve_data_dir(data_dir)
+    splits = {name: data.load_split(root, name, download) for name in ("train", "test")}
+    click.echo(f"Training images: {len(splits['train'][1])}, test images: {len(splits['test'][1])}")
+    images, labels = splits[split]
+    if count <= 0 or not 0 <= start or start + count > len(labels):
+        raise UserError(f"--start {start} --count {count} is outside the {len(labels)} {split} images")
+    indices = list(range(start, start + count))
+    plots.sample_grid(images.numpy(), labels.numpy(), out, indices)
+    click.echo(f"Wrote {out}: {split} images {start}..{start + count - 1}, labels "
+               f"{' '.join(str(int(labels[i])) for i in indices)}")
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path())
+@click.option("--model-dir", type=click.Path(), help="An export folder: draw confusion.png, mistakes.png, report.md.")
+@data_dir_option
+@click.option("--limit", default=100, show_default=True, type=int, help="Most misclassified images to show.")
+@download_option
+@friendly_errors
+def report(run_dir, model_dir, data_dir, limit, download):
+    """Pictures: RUN_DIR's training curves, and/or a test-set report for --model-dir."""
+    from . import report as report_lib
+
+    if not run_dir and not model_dir:
+        raise UserError("give a training RUN_DIR, --model-dir DIR, or both")
+    if run_dir:
+        click.echo(f"Wrote {report_lib.run_curves(run_dir)}")
+    if model_dir:
+        summary = report_lib.model_report(model_dir, data_dir, download, limit=limit)
+        click.echo(f"Accuracy {100 * summary['accuracy']:.2f}%, {summary['mistakes']} misclassified; wrote "
+                   f"{report_lib.CONFUSION}, {report_lib.MISTAKES} and {report_lib.REPORT} in {model_dir}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@data_dir_option
+@click.option("--calibration-images", default=2000, show_default=True, type=int,
+              help="Training images (never test images) used to calibrate activation ranges.")
+@download_option
+@friendly_errors
+def quantize(model_dir, data_dir, calibration_images, download):
+    """Write MODEL_DIR/model.int8.onnx: onnxruntime static QDQ INT8, calibrated on training images."""
+    from .quantize import quantize as run_quantize
+
+    result = run_quantize(model_dir, data_dir, calibration_images, download, log=click.echo)
+    click.echo(f"INT8 accuracy {100 * result['accuracy']:.2f}% (fp32 {100 * result['onnx_fp32_accuracy']:.2f}%, "
+               f"drop {result['accuracy_drop_points']:.2f} points); manifest updated")
+
+
+def csv_list(kind):
+    def parse(ctx, param, value):
+        try:
+            return [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+
+    return parse
+
+
+@main.command()
+@click.option("--model-dir", required=True, type=click.Path(), help="An export folder (see mnist-dist export).")
+@data_dir_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here too.")
+@click.option("--batch-sizes", default="1,64,1024,10000", show_default=True, callback=csv_list(int))
+@click.option("--runtimes", "runtime_names", default="onnxruntime-fp32,onnxruntime-int8,pytorch-eager,torchscript",
+              show_default=True, callback=csv_list(str), help="Which runtimes to compare.")
+@click.option("--threads", type=int, default=None, help="Threads for every runtime (default: all cores).")
+@click.option("--providers", default="CPUExecutionProvider", show_default=True, callback=csv_list(str),
+              help="onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider (needs onnxruntime-gpu).")
+@click.option("--seconds", default=3.0, show_default=True, help="Timing budget per runtime and batch size.")
+@click.option("--limit", type=int, default=None, help="Use only the first N test images (smoke runs).")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Also write confusion.png, mistakes.png and report.md into the model dir.")
+@download_option
+@friendly_errors
+def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, providers, seconds, limit, report,
+          download):
+    """Benchmark inference on the MNIST test set: onnxruntime fp32 / INT8 against PyTorch eager and TorchScript."""
+    from pathlib import Path
+
+    from . import atomic, bench as bench_lib, report as report_lib
+
+    if any(b <= 0 for b in batch_sizes) or (threads is not None and threads <= 0) or (limit is not None and limit <= 0):
+        raise UserError("--batch-sizes, --threads and --limit take positive numbers")
+    result = bench_lib.run(model_dir, data_dir, batch_sizes, runtime_names, threads, providers, seconds,
+                           limit=limit, download=download, log=lambda *_: None)
+    click.echo(bench_lib.format_table(result))
+    for absent in result["providers"]["absent"]:
+        click.echo(f"note: {absent} is not available in this onnxruntime build; ran on {result['providers']['used']}")
+    atomic.write_json(Path(model_dir) / report_lib.BENCH_JSON, result)
+    if json_path:
+        atomic.write_json(json_path, result)
+    if report:
+        report_lib.model_report(model_dir, data_dir, download, bench=result)
+        click.echo(f"Wrote {report_lib.REPORT}, {report_lib.CONFUSION} and {report_lib.MISTAKES} in {model_dir}")
+    off = sorted({r["runtime"] for r in result["results"] if r["accuracy_equals_pytorch"] is False})
+    if off:
+        raise UserError(f"{', '.join(off)} accuracy differs from the checkpoint's PyTorch accuracy "
+                        f"({100 * result['pytorch_test_accuracy']:.2f}%): the exported model is not faithful")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--model", "model_path", required=True, type=click.Path(),
+              help="model.onnx, model.int8.onnx or model.ts; its manifest.json must sit beside it.")
+@click.option("--out", type=click.Path(dir_okay=False), help="preds.csv or preds.json (default: CSV on stdout).")
+@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Make digits white on black; auto inverts images whose background is light.")
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@friendly_errors
+def predict(inputs, model_path, out, invert, batch_size):
+    """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files.
+
+    Exit code 2 when any input failed (its row says why); every other input is still labelled."""
+    from .predict import predict as run_predict, to_csv, write
+
+    if batch_size <= 0:
+        raise UserError("--batch-size must be a positive integer")
+    rows, summary = run_predict(inputs, model_path, invert, batch_size)
+    if out:
+        write(rows, out)
+    else:
+        click.echo(to_csv(rows), nl=False)
+    click.echo(f"{summary['inputs']} inputs, {summary['failed']} failed, {summary['images_per_s']:.0f} images/s"
+               + (f"; wrote {out}" if out else ""), err=True)
+    if summary["failed"]:
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,45 @@ class TensorBatches(torch.utils.data.Dataset):
         return TensorBatches(self.images.to(device), self.labels.to(device))
 
 
+class ShardedBatches:
+    """Training batches cut straight from (device-resident) tensors, one disjoint shard per process.
+
+    Every process draws the same permutation, seeded by (seed, epoch), and
+    takes its own slice of each global batch; the last global batch is padded
+    by wrapping round to the start, as Accelerate's even_batches does. This
+    replaces a DataLoader for training: measured here, Accelerate's prepared
+    DataLoader cost ~4.4 ms of Python per batch, more than the CNN's own step
+    on a GPU, while slicing a tensor costs microseconds.
+    """
+
+    def __init__(self, dataset: TensorBatches, batch_size: int, num_processes: int = 1, process_index: int = 0,
+                 seed: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // (self.batch_size * self.num_processes))
+
+    def indices(self) -> torch.Tensor:
+        """This process's sample indices for the current epoch, batch after batch."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)
+        global_batch = self.batch_size * self.num_processes
+        padding = len(self) * global_batch - len(order)
+        order = torch.cat([order, order[:padding]]).view(len(self), self.num_processes, self.batch_size)
+        return order[:, self.process_index].reshape(-1)
+
+    def __iter__(self):
+        mine = self.indices().to(self.dataset.images.device)
+        for start in range(0, len(mine), self.batch_size):
+            idx = mine[start : start + self.batch_size]
+            yield to_float(self.dataset.images[idx]), self.dataset.labels[idx]
+
+
 def keep_batch(batch):
     """collate_fn for TensorBatches: the batch is already stacked."""
     return batch

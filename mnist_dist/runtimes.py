@@ -62,14 +62,17 @@ def onnx_session(path, threads=None, providers=None):
         raise UserError(f"cannot load ONNX model {path}: {' '.join(str(e).split())[:300]}") from e
 
 
-def load_onnx(path, threads=None, providers=None):
-    session = onnx_session(path, threads, providers)
+def onnx_runner(session):
     input_name = session.get_inputs()[0].name
 
     def run(images: np.ndarray) -> np.ndarray:
         return session.run(None, {input_name: images})[0]
 
     return run
+
+
+def load_onnx(path, threads=None, providers=None):
+    return onnx_runner(onnx_session(path, threads, providers))
 
 
 LOADERS = {".ts": load_torchscript, ".pt2": load_pt2, ".onnx": load_onnx, ".pt": load_reference}

@@ -4,7 +4,7 @@ Launch it with ``accelerate launch jobs/train.py`` (any number of processes or
 machines) or plain ``python jobs/train.py``. Checkpoints are epoch-granular:
 ``--resume latest`` continues after the last finished epoch.
 """
-import os
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import atomic, checkpoint, data
+from . import atomic, checkpoint, data, plots, report
+from .augment import random_affine
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import evaluate
-from .launch import make_accelerator, progress_bar
+from .launch import make_accelerator, progress_bar, resolve_mixed_precision
 from .model import CNN, count_parameters
 
 METRICS_JSONL = "metrics.jsonl"
@@ -39,15 +40,18 @@ def load_resume_state(cfg: TrainConfig):
         return None
     path = checkpoint.latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
     state = checkpoint.load(path)
-    missing = [k for k in ("optimizer", "epoch", "rng", "metrics") if k not in state]
+    missing = [k for k in ("optimizer", "epoch", "rng", "metrics", "train_config") if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} cannot resume training (missing {', '.join(missing)})")
-    planned = state.get("train_config", {})
-    if planned.get("schedule") == "onecycle" and planned.get("epochs") != cfg.epochs:
-        raise UserError(f"{path} follows a onecycle schedule planned for {planned.get('epochs')} epochs; "
-                        f"resume it with --epochs {planned.get('epochs')}")
     state["path"] = str(path)
     return state
+
+
+def check_resumable(cfg: TrainConfig, state: dict) -> None:
+    planned = state["train_config"]
+    if planned["schedule"] == "onecycle" and cfg.schedule == "onecycle" and planned["epochs"] != cfg.epochs:
+        raise UserError(f"{state['path']} follows a onecycle schedule planned for {planned['epochs']} epochs; "
+                        f"resume it with --epochs {planned['epochs']}")
 
 
 def check_output_dir(cfg: TrainConfig, resuming: bool) -> Path:
@@ -75,6 +79,9 @@ def describe_setup(accelerator, cfg, model, train_set, test_set) -> None:
         f"mixed precision {accelerator.mixed_precision}")
     say(f"Global batch: {cfg.batch_size} per process x {accelerator.num_processes} = "
         f"{cfg.batch_size * accelerator.num_processes}")
+    say(f"Recipe ({cfg.preset}): {cfg.epochs} epochs, Adam lr {cfg.lr:g} {cfg.schedule}, label smoothing "
+        f"{cfg.label_smoothing:g}, augmentation {'on' if cfg.augment else 'off'}, "
+        f"channels_last {'on' if cfg.channels_last else 'off'}")
     say(model)
     say(f"Parameters: {count_parameters(model):,}")
 
@@ -85,25 +92,6 @@ def make_scheduler(cfg, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def limited(loader, limit):
-    """Yield at most ``limit`` batches, then tell Accelerate the loader is done.
-
-    Leaving an Accelerate loader early would otherwise keep it registered as the
-    active loader, and gather_for_metrics reads its end-of-data state.
-    """
-    iterator = iter(loader)
-    try:
-        for i, batch in enumerate(iterator):
-            yield batch
-            if limit is not None and i + 1 >= limit:
-                break
-    finally:
-        if hasattr(iterator, "close"):
-            iterator.close()
-        if hasattr(loader, "end"):
-            loader.end()
-
-
 def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch) -> tuple:
     """One pass over this process's shard; returns (mean train loss over all processes, images trained)."""
     model.train()
@@ -111,10 +99,15 @@ def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch
     seen = torch.zeros((), device=accelerator.device)
     total = min(len(loader), cfg.limit_batches or len(loader))
     bar = progress_bar(total, f"epoch {epoch}", accelerator.is_main_process)
-    for batch_num, (images, labels) in enumerate(limited(loader, cfg.limit_batches), start=1):
+    augmentation = augmentation_generator(cfg, accelerator, epoch)
+    for batch_num, (images, labels) in enumerate(loader, start=1):
+        if batch_num > total:  # --limit-batches
+            break
+        if augmentation is not None:
+            images = random_affine(images, augmentation)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(images), labels)
+        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -128,6 +121,41 @@ def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch
     bar.close()
     loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
     return (loss_sum / seen).item(), int(seen.item())
+
+
+def augmentation_generator(cfg, accelerator, epoch: int):
+    """A generator seeded from (seed, epoch, process): each process draws its own transforms, and a
+    run resumed at an epoch boundary draws exactly what an uninterrupted one would."""
+    if not cfg.augment:
+        return None
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + accelerator.process_index)
+    return generator
+
+
+def warm_up(accelerator, cfg, model, train_set, test_set) -> None:
+    """One training step and one evaluation batch on a throwaway copy of the model.
+
+    On a GPU the first steps pay for the CUDA context, lazy kernel loading and
+    cuDNN's autotuning: seconds, against about a second for a whole epoch. Paying
+    them here books them as start-up, and leaves the real model, optimizer and
+    random streams untouched.
+    """
+    if accelerator.device.type != "cuda":
+        return
+    scratch = copy.deepcopy(accelerator.unwrap_model(model)).train()
+    optimizer = torch.optim.Adam(scratch.parameters(), lr=cfg.lr)
+    images, labels = train_set.__getitems__(list(range(cfg.batch_size)))
+    if cfg.augment:
+        images = random_affine(images, torch.Generator(device=images.device).manual_seed(0))
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with accelerator.autocast():
+        F.cross_entropy(scratch(images), labels).backward()
+    optimizer.step()
+    with torch.no_grad(), accelerator.autocast():
+        scratch.eval()(test_set.__getitems__(list(range(min(cfg.eval_batch_size, len(test_set)))))[0])
+    synchronize(accelerator.device)
 
 
 def synchronize(device) -> None:
@@ -162,22 +190,31 @@ def restore(state, model, optimizer, scheduler) -> None:
 
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and checkpoint every epoch; return the final metrics."""
-    cfg.validate()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.seed, cfg.cpu)
+    started = time.perf_counter()
+    resume_state = load_resume_state(cfg)
+    # Options not given on the command line continue the resumed run's recipe.
+    cfg.fill_recipe(resume_state["train_config"] if resume_state else None).validate()
+    if resume_state is not None:
+        check_resumable(cfg, resume_state)
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.cpu)
     try:
-        return _run(cfg, accelerator)
+        return _run(cfg, accelerator, resume_state, started)
     finally:
         accelerator.end_training()  # tears the process group down cleanly; gloo aborts at exit otherwise
 
 
-def _run(cfg, accelerator) -> dict:
+def _run(cfg, accelerator, resume_state, started: float) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    resume_state = load_resume_state(cfg)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     out = check_output_dir(cfg, resuming=resume_state is not None)
+    data_started = time.perf_counter()
     with accelerator.main_process_first():  # one download at a time, if one is needed
         train_set, test_set = load_data(cfg, accelerator.device)
+    timings = {"data_load_s": time.perf_counter() - data_started}
     accelerator.wait_for_everyone()  # every process has passed every check before the first write
 
     model, optimizer, train_loader, test_loader, scheduler = build(cfg, accelerator, train_set, test_set)
@@ -190,6 +227,8 @@ def _run(cfg, accelerator) -> dict:
     if accelerator.is_main_process:
         start_output_dir(out, cfg, accelerator, fresh=resume_state is None)
     run_number = 1 + max((row.get("run", 1) for row in history), default=0)
+    warm_up(accelerator, cfg, model, train_set, test_set)
+    timings["startup_s"] = time.perf_counter() - started  # everything before the first epoch, data included
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         accelerator.print(f"Epoch {epoch}\n--------------------")
@@ -208,7 +247,7 @@ def _run(cfg, accelerator) -> dict:
         if accelerator.is_main_process:
             save_epoch(out, accelerator, model, optimizer, scheduler, cfg, epoch, wall_s, history)
         accelerator.wait_for_everyone()
-    return finish(out, cfg, accelerator, history)
+    return finish(out, cfg, accelerator, history, timings)
 
 
 def build(cfg, accelerator, train_set, test_set) -> tuple:
@@ -217,9 +256,11 @@ def build(cfg, accelerator, train_set, test_set) -> tuple:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    train_loader = data.make_loader(train_set, cfg.batch_size, shuffle=True)
+    train_loader = data.ShardedBatches(train_set, cfg.batch_size, accelerator.num_processes,
+                                       accelerator.process_index, cfg.seed)
+    # Evaluation keeps Accelerate's loader: gather_for_metrics needs it to drop the last batch's padding.
     test_loader = data.make_loader(test_set, cfg.eval_batch_size, shuffle=False)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    model, optimizer, test_loader = accelerator.prepare(model, optimizer, test_loader)
     # Stepped by hand once per optimizer step: Accelerate's wrapper would step it once per process.
     steps_per_epoch = min(len(train_loader), cfg.limit_batches or len(train_loader))
     return model, optimizer, train_loader, test_loader, make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -233,11 +274,12 @@ def start_output_dir(out: Path, cfg, accelerator, fresh: bool) -> None:
     atomic.write_json(out / CONFIG_JSON, run_record(cfg, accelerator))
 
 
-def finish(out: Path, cfg, accelerator, history: list) -> dict:
+def finish(out: Path, cfg, accelerator, history: list, timings: dict) -> dict:
     final = {**history[-1], "processes": accelerator.num_processes,
-             "global_batch": cfg.batch_size * accelerator.num_processes}
+             "global_batch": cfg.batch_size * accelerator.num_processes, **timings}
     if accelerator.is_main_process:
         atomic.write_json(out / METRICS_JSON, final)
+        plots.training_curves(history, out / report.CURVES)
     accelerator.print("Done!")
     return final
 

@@ -2,6 +2,7 @@
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,20 @@ def run(args, timeout=600, env=None, check=True, cwd=ROOT) -> subprocess.Complet
     return proc
 
 
+def sigkill_when(args, should_kill) -> int:
+    """Start a command, SIGKILL it at the first stdout line for which should_kill(line) is true; return its exit code."""
+    proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if should_kill(line):
+                proc.send_signal(signal.SIGKILL)
+                break
+        return proc.wait(timeout=60)
+    finally:
+        proc.kill()
+
+
 def train_job(*args, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "jobs/train.py", *args], **kwargs)
 
@@ -57,7 +72,7 @@ def file_hashes(folder: Path) -> dict:
 def trained_run(tmp_path_factory) -> Path:
     """One epoch of 400 batches with the tutorial recipe: a real, decent checkpoint (~98%)."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    train_job("--output-dir", out, "--epochs", 1, "--limit-batches", 400)
+    train_job("--output-dir", out, "--preset", "tutorial", "--epochs", 1, "--limit-batches", 400)
     return out
 
 
@@ -67,3 +82,20 @@ def run_copy(trained_run, tmp_path) -> Path:
     dest = tmp_path / "run"
     shutil.copytree(trained_run, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+    """The trained run exported through the script users run: (folder, completed process)."""
+    out = tmp_path_factory.mktemp("export") / "model"
+    proc = run([sys.executable, "export/export.py", "--checkpoint", trained_run, "--out-dir", out])
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def exported_model(exported, tmp_path_factory) -> Path:
+    """A private copy of the export with an INT8 model added (mnist-dist quantize)."""
+    out = tmp_path_factory.mktemp("quantized") / "model"
+    shutil.copytree(exported[0], out)
+    run([sys.executable, "-m", "mnist_dist.cli", "quantize", out, "--calibration-images", 500])
+    return out

@@ -90,18 +90,14 @@ def test_train_job_reports_corrupt_data_in_one_line(data_copy, tmp_path):
 
 
 def shard_indices(dataset_size, batch_size, num_processes, epoch, seed=0):
-    """Which sample indices each process gets, through the same loader and Accelerate settings as training."""
-    from accelerate.data_loader import prepare_data_loader
-
+    """Which sample indices each process trains on in one epoch."""
     dataset = data.TensorBatches(torch.zeros(dataset_size, 28, 28, dtype=torch.uint8), torch.arange(dataset_size))
     shards = []
     for rank in range(num_processes):
-        loader = prepare_data_loader(
-            data.make_loader(dataset, batch_size, shuffle=True), num_processes=num_processes, process_index=rank,
-            put_on_device=False, use_seedable_sampler=True, data_seed=seed,
-        )
-        loader.set_epoch(epoch)
-        shards.append(torch.cat([labels for _, labels in loader]).tolist())
+        batches = data.ShardedBatches(dataset, batch_size, num_processes, rank, seed)
+        batches.set_epoch(epoch)
+        assert all(len(labels) == batch_size for _, labels in batches)
+        shards.append(torch.cat([labels for _, labels in batches]).tolist())
     return shards
 
 
@@ -119,3 +115,9 @@ def test_shuffle_changes_per_epoch_and_repeats_per_seed():
     first, again, later = (shard_indices(1000, 64, 2, epoch) for epoch in (1, 1, 2))
     assert first == again
     assert first != later
+    assert shard_indices(1000, 64, 2, 1, seed=1) != first
+
+
+def test_one_process_sees_every_image_once_per_epoch():
+    (shard,) = shard_indices(60_000, 128, 1, epoch=1)
+    assert len(shard) == 469 * 128 and set(shard) == set(range(60_000))  # 32 padding repeats at the end

@@ -1,7 +1,6 @@
 """Export: every artifact written, self-describing, and checked against PyTorch on all 10,000 test images."""
 import json
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -10,20 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT, cpu_env, run
+from conftest import run, sigkill_when
 from mnist_dist import manifest as manifest_lib
 from mnist_dist.cli import main
 from mnist_dist.errors import UserError
 from mnist_dist.model import CNN
 
 ARTIFACT_FILES = {"model.ts", "model.onnx", "model.pt2", "reference.pt", "manifest.json"}
-
-
-@pytest.fixture(scope="session")
-def exported(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "model"
-    proc = run([sys.executable, "export/export.py", "--checkpoint", trained_run, "--out-dir", out])
-    return out, proc
 
 
 def test_export_writes_every_artifact_with_a_manifest(exported, trained_run):
@@ -142,18 +134,10 @@ def test_a_mismatch_names_the_worst_artifact_and_publishes_nothing(trained_run, 
 
 def test_a_killed_export_leaves_nothing_under_the_final_name(trained_run, tmp_path):
     out = tmp_path / "model"
-    args = [sys.executable, "export/export.py", "--checkpoint", trained_run, "--out-dir", out]
-    proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("Validating"):  # every file written, none yet published
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    # Killed once every file is written and none is yet published.
+    code = sigkill_when([sys.executable, "export/export.py", "--checkpoint", trained_run, "--out-dir", out],
+                        lambda line: line.startswith("Validating"))
+    assert code == -signal.SIGKILL
     assert not out.exists()
 
 

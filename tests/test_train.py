@@ -3,11 +3,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
-from conftest import ROOT, accelerate_launch, cpu_env, run, train_job
+from conftest import ROOT, accelerate_launch, cpu_env, run, sigkill_when, train_job
 from mnist_dist import checkpoint
 from mnist_dist.atomic import read_jsonl
 
@@ -30,7 +29,8 @@ def test_short_run_learns_and_writes_everything(trained_run):
 
 
 def test_prints_what_the_tutorial_prints(tmp_path):
-    proc = train_job("--output-dir", tmp_path / "out", "--epochs", 1, "--limit-batches", 4, "--log-every", 2)
+    proc = train_job("--output-dir", tmp_path / "out", "--preset", "tutorial", "--epochs", 1, "--limit-batches", 4,
+                     "--log-every", 2)
     out = proc.stdout
     assert "Training images: 60000, test images: 10000" in out
     assert "Using cpu device, 1 process(es)" in out
@@ -51,7 +51,7 @@ def assert_same_weights(run_a, run_b):
 
 
 def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
-    common = ["--limit-batches", 15, "--log-every", 1000]
+    common = ["--preset", "tutorial", "--limit-batches", 15, "--log-every", 1000]
     train_job("--output-dir", tmp_path / "straight", "--epochs", 3, *common)
     train_job("--output-dir", tmp_path / "split", "--epochs", 2, *common)
     train_job("--output-dir", tmp_path / "split", "--epochs", 3, "--resume", "latest", *common)
@@ -61,25 +61,20 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
     assert rows[-1]["test_accuracy"] == read_jsonl(tmp_path / "straight" / "metrics.jsonl")[-1]["test_accuracy"]
 
 
-ONECYCLE = ["--epochs", 3, "--limit-batches", 15, "--schedule", "onecycle", "--lr", "3e-3", "--log-every", 5]
+# The default (fast) preset: one-cycle schedule, channels_last.
+ONECYCLE = ["--epochs", 3, "--limit-batches", 15, "--log-every", 5]
 
 
 def test_sigkill_mid_epoch_then_resume_to_completion(tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "jobs/train.py", "--output-dir", out, *ONECYCLE]
-    proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        in_epoch_2 = False
-        for line in proc.stdout:  # kill once epoch 2 is under way
-            in_epoch_2 = in_epoch_2 or line.startswith("Epoch 2")
-            if in_epoch_2 and line.startswith("loss:") and "[batch    5/15]" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    seen = {"epoch 2": False}
+
+    def mid_epoch_2(line):
+        seen["epoch 2"] = seen["epoch 2"] or line.startswith("Epoch 2")
+        return seen["epoch 2"] and line.startswith("loss:") and "[batch    5/15]" in line
+
+    code = sigkill_when([sys.executable, "jobs/train.py", "--output-dir", out, *ONECYCLE], mid_epoch_2)
+    assert code == -signal.SIGKILL
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["epoch_0001.pt"]
     checkpoint.load_model(checkpoint.latest_checkpoint(out))  # still loadable
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
@@ -101,8 +96,9 @@ def two_gloo_processes():
 def test_two_gloo_processes_count_every_test_image_once(tmp_path):
     out = tmp_path / "out"
     # Eval batch 300 x 2 processes does not divide 10,000: the last batch is padded, and must not be counted.
-    accelerate_launch(*two_gloo_processes(), "jobs/train.py", "--output-dir", out, "--epochs", 1,
-                      "--limit-batches", 20, "--eval-batch-size", 300, env=cpu_env(ACCELERATE_USE_CPU="1"))
+    accelerate_launch(*two_gloo_processes(), "jobs/train.py", "--output-dir", out, "--preset", "tutorial",
+                      "--epochs", 1, "--limit-batches", 20, "--eval-batch-size", 300,
+                      env=cpu_env(ACCELERATE_USE_CPU="1"))
     final = json.loads((out / "metrics.json").read_text())
     assert (final["processes"], final["global_batch"], final["test_samples"]) == (2, 128, 10_000)
     assert final["train_images"] == 20 * 128
@@ -128,7 +124,7 @@ def test_two_machines_on_loopback_train_together(tmp_path):
     port = 29_500 + (hash(str(tmp_path)) % 1000)
     machines = ["--multi_gpu", "--num_machines", 2, "--num_processes", 2, "--main_process_ip", "127.0.0.1",
                 "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
-    job = ["jobs/train.py", "--output-dir", out, "--epochs", 1, "--limit-batches", 10]
+    job = ["jobs/train.py", "--output-dir", out, "--preset", "tutorial", "--epochs", 1, "--limit-batches", 10]
     env = cpu_env(ACCELERATE_USE_CPU="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", *machines]
     worker = subprocess.Popen([str(a) for a in [*launch, "--machine_rank", 1, *job]], cwd=ROOT, env=env,
@@ -141,3 +137,27 @@ def test_two_machines_on_loopback_train_together(tmp_path):
     final = json.loads((out / "metrics.json").read_text())
     assert (final["processes"], final["global_batch"], final["test_samples"]) == (2, 128, 10_000)
     assert final["train_images"] == 10 * 128
+
+
+def test_presets_and_resume_keep_their_recipe(tmp_path):
+    out = tmp_path / "out"
+    first = train_job("--output-dir", out, "--preset", "best", "--epochs", 2, "--limit-batches", 2)
+    assert "Recipe (best): 2 epochs, Adam lr 0.003 onecycle, label smoothing 0.1, augmentation on" in first.stdout
+    # Resumed without naming the preset: the run's own recipe continues, not the default one.
+    train_job("--output-dir", out, "--epochs", 2, "--limit-batches", 2, "--resume", "latest")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["preset"], config["label_smoothing"], config["augment"]) == ("best", 0.1, True)
+    from mnist_dist.launch import native_cpu_bf16
+
+    assert config["mixed_precision"] == ("bf16" if native_cpu_bf16() else "no")  # what auto resolved to
+
+
+def test_training_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run([sys.executable, "jobs/bench_train.py", "--quick", "--json", out])
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names == ["tutorial (as written)", "fast (1 process)"]
+    assert all(r["images_per_s"] > 0 for r in report["results"]) and report["results"][0]["speedup_images_per_s"] == 1
+    assert {"cpu", "cores"} <= report["machine"].keys() and "torch" in report["versions"]
+    assert "x tutorial" in proc.stdout

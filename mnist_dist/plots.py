@@ -1,0 +1,104 @@
+"""Pictures as matplotlib PNGs: the tutorial's sample grid, training curves, confusion matrix, mistakes.
+
+Figures are drawn with the Agg backend (no display needed) at a fixed size
+and DPI, so each PNG has a known pixel size; each is written atomically.
+"""
+import math
+from itertools import groupby
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import atomic  # noqa: E402
+
+DPI = 100
+GRID_SIZE_IN = (6, 6)
+CURVES_SIZE_IN = (12, 4.5)
+CONFUSION_SIZE_IN = (8, 8)
+MISTAKES_COLUMNS = 10
+MISTAKE_CELL_IN = (1.2, 1.45)
+
+
+def save(fig, path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    plt.close(fig)
+
+
+def sample_grid(images, labels, path, indices) -> None:
+    """The tutorial's grid: one image per cell, titled with its label."""
+    side = math.ceil(math.sqrt(len(indices)))
+    fig = plt.figure(figsize=GRID_SIZE_IN)
+    for cell, index in enumerate(indices):
+        ax = fig.add_subplot(side, side, cell + 1)
+        ax.set_title(str(int(labels[index])))
+        ax.axis("off")
+        ax.imshow(np.asarray(images[index]).squeeze(), cmap="gray")
+    save(fig, path)
+
+
+def training_curves(rows: list, path) -> None:
+    """Train loss and test accuracy per epoch; one line per run (a resumed run is a new line)."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE_IN)
+    for run, run_rows in groupby(sorted(rows, key=lambda r: (r.get("run", 1), r["epoch"])),
+                                 key=lambda r: r.get("run", 1)):
+        run_rows = list(run_rows)
+        epochs = [r["epoch"] for r in run_rows]
+        loss_ax.plot(epochs, [r["train_loss"] for r in run_rows], marker="o", label=f"run {run}")
+        acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in run_rows], marker="o", label=f"run {run}")
+    loss_ax.set(title="Train loss", xlabel="epoch", ylabel="cross-entropy")
+    acc_ax.set(title="Test accuracy (10,000 images)", xlabel="epoch", ylabel="%")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def confusion(cm: np.ndarray, path, classes) -> None:
+    """The confusion matrix, true label by row, with the count in every cell."""
+    fig, ax = plt.subplots(figsize=CONFUSION_SIZE_IN)
+    ax.imshow(np.log1p(cm), cmap="Blues")  # log scale: the few errors stay visible next to ~1000 hits
+    for (row, col), count in np.ndenumerate(cm):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=9,
+                color="white" if row == col else "black")
+    ticks = range(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=f"Confusion matrix ({cm.sum():,} test images)")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def mistakes_size_px(count: int) -> tuple:
+    rows = max(1, math.ceil(count / MISTAKES_COLUMNS))
+    return (round(MISTAKES_COLUMNS * MISTAKE_CELL_IN[0] * DPI), round(rows * MISTAKE_CELL_IN[1] * DPI))
+
+
+def mistakes(images, labels, predictions, confidences, path, limit: int) -> list:
+    """A gallery of misclassified images (the first ``limit`` by index); returns the indices drawn."""
+    shown = np.flatnonzero(predictions != labels)[:limit].tolist()
+    width, height = mistakes_size_px(len(shown))
+    fig = plt.figure(figsize=(width / DPI, height / DPI))
+    columns, rows = MISTAKES_COLUMNS, max(1, math.ceil(len(shown) / MISTAKES_COLUMNS))
+    for cell, index in enumerate(shown):
+        ax = fig.add_subplot(rows, columns, cell + 1)
+        ax.imshow(np.asarray(images[index]).squeeze(), cmap="gray")
+        ax.set_title(f"true {labels[index]} / pred {predictions[index]}\n{100 * confidences[index]:.0f}%", fontsize=8)
+        ax.axis("off")
+    if not shown:
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    save(fig, path)
+    return shown
+
+
+def png_size(path) -> tuple:
+    """(width, height) read from a PNG header; raises ValueError for a file that is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise ValueError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

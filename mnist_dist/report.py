@@ -1,0 +1,105 @@
+"""Reports: training curves for a run, and test-set pictures plus report.md for an exported model."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, data, manifest as manifest_lib, plots, runtimes
+from .errors import UserError
+
+CURVES = "curves.png"
+CONFUSION = "confusion.png"
+MISTAKES = "mistakes.png"
+REPORT = "report.md"
+BENCH_JSON = "bench.json"
+
+
+def run_curves(run_dir) -> Path:
+    """(Re)draw curves.png in a training run's folder from its metrics.jsonl."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} holds no metrics.jsonl: is it a training --output-dir?")
+    try:
+        rows = atomic.read_jsonl(metrics)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{metrics} is corrupt ({e})") from e
+    if not rows:
+        raise UserError(f"{metrics} has no finished epoch yet")
+    plots.training_curves(rows, run_dir / CURVES)
+    return run_dir / CURVES
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    return np.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class(cm: np.ndarray) -> list:
+    hits = np.diag(cm)
+    predicted, actual = cm.sum(0), cm.sum(1)
+    return [{"class": c, "precision": hits[c] / predicted[c] if predicted[c] else 0.0,
+             "recall": hits[c] / actual[c] if actual[c] else 0.0, "support": int(actual[c])}
+            for c in range(len(cm))]
+
+
+def predict_test_set(model_dir, manifest: dict, data_dir=None, download=True) -> tuple:
+    """(uint8 images, labels, predictions, confidences) of the folder's ONNX model on the test set."""
+    images, labels = data.load_split(data.resolve_data_dir(data_dir), "test", download)
+    scaled = images.unsqueeze(1).numpy().astype(np.float32) * np.float32(manifest["input"]["scale"])
+    runner = runtimes.load_runner(Path(model_dir) / manifest["artifacts"]["onnx"])
+    logits = runtimes.run_batched(runner, scaled, 1000).astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    return images.numpy(), labels.numpy(), probabilities.argmax(1), probabilities.max(1)
+
+
+def model_report(model_dir, data_dir=None, download=True, out_dir=None, limit=100, bench=None) -> dict:
+    """confusion.png, mistakes.png and report.md for an exported model; ``bench`` adds the throughput table."""
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir or model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = manifest_lib.load(model_dir)
+    if bench is None and (model_dir / BENCH_JSON).is_file():
+        bench = json.loads((model_dir / BENCH_JSON).read_text())
+    images, labels, predictions, confidences = predict_test_set(model_dir, manifest, data_dir, download)
+    cm = confusion_matrix(labels, predictions, len(manifest["classes"]))
+    plots.confusion(cm, out_dir / CONFUSION, manifest["classes"])
+    shown = plots.mistakes(images, labels, predictions, confidences, out_dir / MISTAKES, limit)
+    summary = {"accuracy": float(np.trace(cm) / cm.sum()), "test_samples": int(cm.sum()),
+               "mistakes": int(cm.sum() - np.trace(cm)), "mistakes_shown": shown,
+               "confusion": cm.tolist(), "per_class": per_class(cm)}
+    atomic.write_text(out_dir / REPORT, render_markdown(summary, manifest, bench))
+    return summary
+
+
+def render_markdown(summary: dict, manifest: dict, bench) -> str:
+    lines = [
+        "# MNIST test-set report",
+        "",
+        f"Model: `{manifest['artifacts']['onnx']}` through onnxruntime "
+        f"(source checkpoint `{manifest['source_checkpoint']['path']}`).",
+        "",
+        f"**Accuracy: {100 * summary['accuracy']:.2f}%** ({summary['test_samples'] - summary['mistakes']:,} of "
+        f"{summary['test_samples']:,} test images; {summary['mistakes']} misclassified).",
+        "",
+        f"![confusion matrix]({CONFUSION})",
+        "",
+        "| class | precision | recall | support |",
+        "|---|---|---|---|",
+        *(f"| {row['class']} | {100 * row['precision']:.2f}% | {100 * row['recall']:.2f}% | {row['support']} |"
+          for row in summary["per_class"]),
+        "",
+        f"## Misclassified images ({len(summary['mistakes_shown'])} of {summary['mistakes']} shown)",
+        "",
+        f"![mistakes]({MISTAKES})",
+        "",
+        "## Throughput",
+        "",
+    ]
+    if bench:
+        lines += ["| runtime | batch | images/s | p50 ms | p90 ms | p99 ms | accuracy |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['runtime']} | {r['batch']} | {r['images_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
+                  f"| {r['p99_ms']:.2f} | {100 * r['accuracy']:.2f}% |" for r in bench["results"]]
+    else:
+        lines.append("No benchmark yet: run `mnist-dist bench --model-dir DIR` to add throughput figures.")
+    return "\n".join(lines) + "\n"

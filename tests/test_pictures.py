@@ -1,0 +1,109 @@
+"""Pictures: valid PNGs of the promised size, a confusion matrix that adds up, an honest mistakes gallery."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import run
+from mnist_dist import plots, report
+from mnist_dist.atomic import read_jsonl
+from mnist_dist.cli import main
+
+
+def test_preview_writes_the_tutorials_grid(mnist_root, tmp_path):
+    out = tmp_path / "grid.png"
+    proc = run([sys.executable, "-m", "mnist_dist.cli", "preview", "--out", out])
+    assert "Training images: 60000, test images: 10000" in proc.stdout
+    assert plots.png_size(out) == (600, 600)
+    from mnist_dist import data
+
+    _, labels = data.load_split(mnist_root, "train", download=False)
+    expected = " ".join(str(int(v)) for v in labels[59000:59009])
+    assert f"train images 59000..59008, labels {expected}" in proc.stdout
+
+
+def test_preview_rejects_a_range_outside_the_split(mnist_root, tmp_path):
+    result = CliRunner().invoke(main, ["preview", "--data-dir", str(mnist_root), "--split", "test",
+                                       "--start", "9995", "--count", "9", "--out", str(tmp_path / "g.png")])
+    assert result.exit_code != 0 and "outside the 10000 test images" in result.output
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_training_writes_curves_and_report_redraws_them(trained_run, tmp_path):
+    assert plots.png_size(trained_run / "curves.png") == (1200, 450)
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "curves.png").unlink()
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows.append({**rows[0], "epoch": 2, "run": 2})  # as if resumed: a second line
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert plots.png_size(run_dir / "curves.png") == (1200, 450)
+
+
+def test_report_needs_something_to_report_on():
+    result = CliRunner().invoke(main, ["report"])
+    assert result.exit_code != 0 and "RUN_DIR" in result.output
+
+
+def test_png_size_rejects_non_png(tmp_path):
+    fake = tmp_path / "fake.png"
+    fake.write_text("hello")
+    with pytest.raises(ValueError):
+        plots.png_size(fake)
+
+
+def test_confusion_matrix_and_per_class_figures():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predictions = np.array([0, 1, 1, 1, 2, 0])
+    cm = report.confusion_matrix(labels, predictions, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    stats = report.per_class(cm)
+    assert stats[1]["precision"] == pytest.approx(2 / 3) and stats[1]["recall"] == 1.0
+    assert stats[2]["precision"] == 1.0 and stats[2]["recall"] == 0.5
+
+
+@pytest.fixture(scope="session")
+def model_report(exported_model, mnist_root, tmp_path_factory):
+    """The report of a model folder that has not been benchmarked (the bench test writes bench.json)."""
+    import shutil
+
+    model = tmp_path_factory.mktemp("unbenched") / "model"
+    shutil.copytree(exported_model, model, ignore=shutil.ignore_patterns(report.BENCH_JSON))
+    out = tmp_path_factory.mktemp("report")
+    summary = report.model_report(model, mnist_root, download=False, out_dir=out, limit=25)
+    return out, summary
+
+
+def test_model_report_confusion_adds_up_on_the_full_test_set(model_report, exported_model):
+    out, summary = model_report
+    cm = np.array(summary["confusion"])
+    manifest = json.loads((exported_model / "manifest.json").read_text())
+    assert cm.shape == (10, 10) and cm.sum() == 10_000
+    assert np.trace(cm) == round(manifest["pytorch_test_accuracy"] * 10_000)  # the diagonal = the number correct
+    assert plots.png_size(out / "confusion.png") == (800, 800)
+
+
+def test_mistakes_gallery_shows_exactly_the_misclassified(model_report, exported_model, mnist_root):
+    out, summary = model_report
+    images, labels, predictions, _ = report.predict_test_set(
+        exported_model, json.loads((exported_model / "manifest.json").read_text()), mnist_root, False)
+    wrong = np.flatnonzero(predictions != labels)
+    assert summary["mistakes"] == len(wrong) > 25
+    assert summary["mistakes_shown"] == wrong[:25].tolist()
+    assert all(predictions[i] != labels[i] for i in summary["mistakes_shown"])
+    assert plots.png_size(out / "mistakes.png") == plots.mistakes_size_px(25) == (1200, 435)
+
+
+def test_report_markdown_states_accuracy_and_per_class_figures(model_report):
+    out, summary = model_report
+    text = (out / "report.md").read_text()
+    assert f"**Accuracy: {100 * summary['accuracy']:.2f}%**" in text
+    assert "(confusion.png)" in text and "(mistakes.png)" in text
+    assert text.count("\n| ") >= 11  # header + 10 classes
+    assert "mnist-dist bench" in text  # no benchmark yet: says how to add one

@@ -1,0 +1,176 @@
+"""predict on users' files: every input gets a row, bad ones an error, in order; bad commands one line."""
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run
+from mnist_dist import data, images, predict
+from mnist_dist.errors import UserError
+
+CLI = [sys.executable, "-m", "mnist_dist.cli"]
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist_root):
+    pixels, labels = data.load_split(mnist_root, "test", download=False)
+    return pixels.numpy(), labels.numpy()
+
+
+def write_pngs(folder, pixels, count):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(pixels[i]).save(folder / f"digit_{i:04d}.png")
+
+
+def test_predict_on_pngs_agrees_label_for_label_with_bench(exported_model, test_digits, tmp_path):
+    pixels, labels = test_digits
+    write_pngs(tmp_path / "pngs", pixels, 300)
+    out = tmp_path / "preds.csv"
+    proc = run([*CLI, "predict", tmp_path / "pngs", "--model", exported_model / "model.onnx", "--out", out])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["input"] for r in rows] == [str(tmp_path / "pngs" / f"digit_{i:04d}.png") for i in range(300)]
+    predicted = np.array([int(r["prediction"]) for r in rows])
+    # bench's path: the test tensors through the same ONNX model, scaled by the manifest's contract
+    manifest = json.loads((exported_model / "manifest.json").read_text())
+    from mnist_dist import runtimes
+
+    x = pixels[:300, None].astype(np.float32) * np.float32(manifest["input"]["scale"])
+    assert predicted.tolist() == runtimes.load_runner(exported_model / "model.onnx")(x).argmax(1).tolist()
+    assert (predicted == labels[:300]).mean() > 0.95
+    assert all(r["error"] == "" and 0 < float(r["confidence"]) <= 1 and len(r["top3"].split()) == 3 for r in rows)
+    assert "300 inputs, 0 failed" in proc.stderr and "images/s" in proc.stderr
+
+
+def test_bad_files_cost_only_their_own_row(exported_model, test_digits, tmp_path):
+    pixels, labels = test_digits
+    folder = tmp_path / "mixed"
+    write_pngs(folder, pixels, 4)  # digit_0000..0003: good
+    Image.fromarray(pixels[0]).save(folder / "b_corrupt.png")
+    raw = (folder / "b_corrupt.png").read_bytes()
+    (folder / "b_corrupt.png").write_bytes(raw[:20] + b"\x00" * 40 + raw[60:])
+    big = np.kron(pixels[1], np.ones((4, 4), np.uint8))  # a 112x112 digit
+    Image.fromarray(255 - big).convert("RGB").save(folder / "c_truncated.jpg", quality=95)
+    (folder / "c_truncated.jpg").write_bytes((folder / "c_truncated.jpg").read_bytes()[:600])
+    (folder / "d_text.png").write_text("this is not an image")
+    out = tmp_path / "preds.json"
+    proc = run([*CLI, "predict", folder, "--model", exported_model / "model.onnx", "--out", out], check=False)
+    assert proc.returncode == 2
+    assert "7 inputs, 3 failed" in proc.stderr and "Traceback" not in proc.stderr
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(out.read_text())}
+    for name in ("b_corrupt.png", "c_truncated.jpg", "d_text.png"):
+        assert rows[name]["error"] and rows[name]["prediction"] is None
+    for i in range(4):
+        row = rows[f"digit_{i:04d}.png"]
+        assert row["error"] == "" and row["prediction"] == predict_one(exported_model, pixels[i])
+
+
+def predict_one(model_dir, pixels):
+    runner, manifest = predict.load_model(model_dir / "model.onnx")
+    return int(runner(pixels[None, None].astype(np.float32) * np.float32(manifest["input"]["scale"])).argmax())
+
+
+def test_rgb_odd_size_and_dark_on_light_images_are_made_mnist_like(exported_model, test_digits, tmp_path):
+    pixels, labels = test_digits
+    runner, manifest = predict.load_model(exported_model / "model.onnx")
+    x = pixels[:100, None].astype(np.float32) * np.float32(manifest["input"]["scale"])
+    confident = [i for i, p in enumerate(predict.softmax(runner(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
+    files, truth = [], []
+    for i in confident[:8]:
+        digit = Image.fromarray(pixels[i])
+        variants = {
+            "rgb": digit.convert("RGB").resize((84, 84), Image.BICUBIC),  # as a phone photo would be
+            "dark_on_light": Image.fromarray(255 - np.asarray(digit.resize((200, 200), Image.BICUBIC))),
+        }
+        wide = Image.new("L", (100, 60))  # 100x60, the digit off-centre on a black canvas
+        wide.paste(digit.resize((50, 50)), (40, 5))
+        variants["100x60"] = wide
+        for name, img in variants.items():
+            files.append(tmp_path / f"{i}_{name}.png")
+            img.save(files[-1])
+            truth.append(int(labels[i]))
+    rows, summary = predict.predict(files, exported_model / "model.onnx", show_progress=False)
+    assert summary["failed"] == 0 and len(rows) == 24
+    right = sum(r["prediction"] == t for r, t in zip(rows, truth))
+    # Re-cropping and re-centring changes a digit a little, so allow one miss in 24.
+    assert right >= 23, [(r["input"], r["prediction"], t) for r, t in zip(rows, truth) if r["prediction"] != t]
+
+
+def test_prepared_images_look_like_mnist():
+    canvas = np.full((60, 100), 255, np.float32)  # dark-on-light 100x60
+    canvas[10:50, 20:30] = 0  # a tall bar: a "1"
+    out = images.to_mnist(canvas)
+    assert out.shape == (28, 28) and out[0].max() == 0 and out.max() > 200  # white on black
+    rows, cols = np.nonzero(out > 0.2 * out.max())
+    assert rows.max() - rows.min() + 1 <= 20 and rows.max() - rows.min() + 1 >= 18  # fitted in 20x20
+    mass = np.indices(out.shape).reshape(2, -1) @ out.ravel() / out.sum()
+    assert np.allclose(mass, 13.5, atol=1.0)  # centred by mass
+    assert np.array_equal(images.to_mnist(np.zeros((28, 28), np.float32)), np.zeros((28, 28)))  # 28x28 taken as is
+    assert images.to_mnist(np.zeros((28, 28), np.float32), invert="yes").max() == 255
+
+
+def test_npy_and_idx_inputs(exported_model, test_digits, mnist_root, tmp_path):
+    pixels, labels = test_digits
+    np.save(tmp_path / "u8.npy", pixels[:5])
+    np.save(tmp_path / "f.npy", pixels[5:8, None].astype(np.float64) / 255)
+    idx = data.raw_folder(mnist_root) / "t10k-images-idx3-ubyte"
+    rows, summary = predict.predict([tmp_path / "u8.npy", tmp_path / "f.npy"], exported_model / "model.onnx",
+                                    show_progress=False)
+    assert [r["input"] for r in rows] == [f"{tmp_path / 'u8.npy'}#{i}" for i in range(5)] + \
+        [f"{tmp_path / 'f.npy'}#{i}" for i in range(3)]
+    assert [r["prediction"] for r in rows] == [predict_one(exported_model, p) for p in pixels[:8]]
+    idx_rows, _ = predict.predict([idx], exported_model / "model.onnx", show_progress=False)
+    assert len(idx_rows) == 10_000 and idx_rows[7]["input"].endswith("#7")
+    assert np.mean([r["prediction"] == l for r, l in zip(idx_rows, labels)]) > 0.95
+
+
+def test_int8_and_torchscript_models_predict_too(exported_model, test_digits, tmp_path):
+    pixels, labels = test_digits
+    np.save(tmp_path / "x.npy", pixels[:64])
+    for name in ("model.int8.onnx", "model.ts"):
+        rows, _ = predict.predict([tmp_path / "x.npy"], exported_model / name, show_progress=False)
+        assert np.mean([r["prediction"] == l for r, l in zip(rows, labels[:64])]) > 0.9, name
+
+
+def command_error(args):
+    proc = run([*CLI, "predict", *args], check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode not in (0, 2) and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def test_command_level_errors_are_one_line(exported_model, tmp_path):
+    model = exported_model / "model.onnx"
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in command_error([tmp_path / "empty", "--model", model])
+    assert "no inputs" in command_error(["--model", model])
+    assert "does not exist" in command_error([tmp_path, "--model", tmp_path / "nope.onnx"])
+    np.save(tmp_path / "wide.npy", np.random.rand(5, 28, 28) * 3)
+    assert "must lie in [0, 1]" in command_error([tmp_path / "wide.npy", "--model", model])
+    np.save(tmp_path / "big.npy", np.zeros((5, 32, 32), np.uint8))
+    assert "expected (N,28,28)" in command_error([tmp_path / "big.npy", "--model", model])
+
+
+def test_corrupt_or_foreign_models_are_refused(exported_model, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path / "models"
+    shutil.copytree(exported_model, folder)
+    (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:5000])
+    assert "cannot load ONNX model" in command_error([tmp_path / "models", "--model", folder / "model.onnx"])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 32, 32])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
+    assert "expected [batch, 1, 28, 28]" in command_error([tmp_path / "models", "--model", folder / "model.onnx"])
+
+
+def test_library_raises_user_errors(exported_model, tmp_path):
+    with pytest.raises(UserError, match="no inputs"):
+        predict.expand([])
