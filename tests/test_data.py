@@ -47,10 +47,16 @@ def test_missing_dir_without_download_says_how_to_supply(tmp_path):
         data.load_split(tmp_path / "absent", "test", download=False)
 
 
-def test_failed_download_leaves_no_folder_behind(tmp_path):
-    # No network here: torchvision's download fails, and the folder it made is removed.
+def test_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(self):  # what torchvision raises when every mirror is unreachable
+        (tmp_path / "absent" / "MNIST" / "raw").mkdir(parents=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(datasets.MNIST, "download", offline)
     with pytest.raises(UserError, match="MNIST_DATA_DIR"):
-        data.load_split(tmp_path / "absent", "test", download=True)
+        data.load_split(tmp_path / "absent", "test", True)
     assert not (tmp_path / "absent").exists()
 
 
