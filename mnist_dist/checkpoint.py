@@ -11,7 +11,7 @@ import torch
 
 from . import atomic
 from .errors import UserError
-from .model import CNN, build_model
+from .model import build_model
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch_(\d+)\.pt$")
@@ -103,5 +103,3 @@ def set_rng_state(state: dict) -> None:
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
-
-__all__ = ["CNN", "load", "load_model", "save", "latest_checkpoint", "resolve_checkpoint", "checkpoint_path"]

@@ -1,5 +1,5 @@
 """Training settings: presets, one dataclass, checked before anything is written."""
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from .errors import UserError
@@ -74,7 +74,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> set:
-        return {f.name for f in fields(cls)}

@@ -2,6 +2,10 @@
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint, data
+from .errors import UserError
+from .launch import make_accelerator
+
 
 @torch.no_grad()
 def evaluate(model, loader, gather=None) -> dict:
@@ -33,12 +37,7 @@ def evaluate(model, loader, gather=None) -> dict:
 
 def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, download: bool = True, cpu: bool = False) -> dict:
     """Test metrics of a checkpoint (or a run dir's latest), across however many processes were launched."""
-    from . import checkpoint, data
-    from .launch import make_accelerator
-
     if batch_size <= 0:
-        from .errors import UserError
-
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
     accelerator = make_accelerator(cpu=cpu)
     try:

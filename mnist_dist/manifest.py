@@ -7,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UserError
 
 MANIFEST = "manifest.json"
@@ -33,6 +35,14 @@ def contract(model_config: dict) -> dict:
                    "note": "unnormalised scores: apply softmax for probabilities"},
         "classes": [str(i) for i in range(model_config["num_classes"])],
     }
+
+
+def model_input(pixels, contract: dict) -> np.ndarray:
+    """Pixels 0..255 ([N,28,28] or [N,1,28,28], any numeric type) -> the model's float32 input, scaled as the contract says."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3:
+        pixels = pixels[:, None]
+    return np.ascontiguousarray(pixels.astype(np.float32) * np.float32(contract["input"]["scale"]))
 
 
 def sha256(path) -> str:

@@ -150,14 +150,13 @@ def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, sho
     runner, manifest = load_model(model_path)
     items = read_inputs(expand(inputs), invert)
     good = [i for i, item in enumerate(items) if not item.error]
-    scale = np.float32(manifest["input"]["scale"])
     probabilities = np.zeros((len(items), len(manifest["classes"])))
     bar = progress_bar(len(good), "predict", show_progress and len(good) >= PROGRESS_FROM)
     started = time.perf_counter()
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
-        batch = np.stack([items[i].pixels for i in chunk])[:, None] * scale
-        probabilities[chunk] = softmax(runner(np.ascontiguousarray(batch, dtype=np.float32)).astype(np.float64))
+        batch = manifest_lib.model_input(np.stack([items[i].pixels for i in chunk]), manifest)
+        probabilities[chunk] = softmax(runner(batch).astype(np.float64))
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ class TrainingImages:
     def __init__(self, contract: dict, data_dir, count: int, batch: int = 100, seed: int = 0, download=True):
         images, _ = data.load_split(data.resolve_data_dir(data_dir), "train", download)
         pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
-        scaled = images.numpy()[np.sort(pick)][:, None].astype(np.float32) * np.float32(contract["input"]["scale"])
+        scaled = manifest_lib.model_input(images.numpy()[np.sort(pick)], contract)
         self.name = contract["input"]["name"]
         self.batches = iter([scaled[i : i + batch] for i in range(0, len(scaled), batch)])
 

@@ -45,9 +45,9 @@ def per_class(cm: np.ndarray) -> list:
 def predict_test_set(model_dir, manifest: dict, data_dir=None, download=True) -> tuple:
     """(uint8 images, labels, predictions, confidences) of the folder's ONNX model on the test set."""
     images, labels = data.load_split(data.resolve_data_dir(data_dir), "test", download)
-    scaled = images.unsqueeze(1).numpy().astype(np.float32) * np.float32(manifest["input"]["scale"])
     runner = runtimes.load_runner(Path(model_dir) / manifest["artifacts"]["onnx"])
-    logits = runtimes.run_batched(runner, scaled, 1000).astype(np.float64)
+    logits = runtimes.run_batched(runner, manifest_lib.model_input(images.numpy(), manifest), 1000)
+    logits = logits.astype(np.float64)
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
     return images.numpy(), labels.numpy(), probabilities.argmax(1), probabilities.max(1)

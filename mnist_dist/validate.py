@@ -17,8 +17,7 @@ class ValidationFailed(UserError):
 def test_images(contract: dict, data_dir=None, download: bool = True) -> tuple:
     """The MNIST test set as the contract says: (float32 [N,1,28,28], int64 labels)."""
     images, labels = data.load_split(data.resolve_data_dir(data_dir), "test", download)
-    scaled = images.unsqueeze(1).numpy().astype(np.float32) * np.float32(contract["input"]["scale"])
-    return np.ascontiguousarray(scaled), labels.numpy()
+    return manifest_lib.model_input(images.numpy(), contract), labels.numpy()
 
 
 def check_onnx_file(path, contract: dict) -> None:
