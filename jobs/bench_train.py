@@ -9,7 +9,7 @@ Reports images/s and their ratio, and the training time to 99.0% and 99.2% test 
 import click
 
 from mnist_dist import atomic, data
-from mnist_dist.train_bench import benchmark, format_table
+from mnist_dist.training.benchmark import benchmark, format_table
 
 
 @click.command()

@@ -36,7 +36,7 @@ download_option = click.option("--download/--no-download", default=True, show_de
 
 
 def recipe_help(name: str, text: str) -> str:
-    from .config import PRESETS
+    from .training.config import PRESETS
 
     defaults = ", ".join(f"{preset} {values[name]}" for preset, values in PRESETS.items())
     return f"{text} [preset defaults: {defaults}]"
@@ -77,8 +77,8 @@ def recipe_help(name: str, text: str) -> str:
 @friendly_errors
 def train(**options):
     """Train the CNN on MNIST; run under `accelerate launch` for several processes or machines."""
-    from .config import TrainConfig
-    from .train import run
+    from .training.config import TrainConfig
+    from .training.loop import run
 
     run(TrainConfig(**options))
 
@@ -98,7 +98,7 @@ def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu):
     import os
 
     from . import atomic
-    from .evaluate import evaluate_checkpoint
+    from .training.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(checkpoint, data_dir, batch_size, download, cpu)
     if json_path and int(os.environ.get("RANK", "0")) == 0:
@@ -117,8 +117,8 @@ def export_command(source, out_dir, data_dir, force, download):
     """Export a checkpoint to TorchScript, ONNX and torch.export, validated on all 10,000 test images.
 
     The folder appears only when every artifact matches PyTorch; a failed export leaves nothing behind."""
-    from .export import export_model
-    from .validate import format_report
+    from .exporting.export import export_model
+    from .exporting.validate import format_report
 
     manifest, results = export_model(source, out_dir, data_dir, force, download, log=click.echo)
     click.echo(format_report(results))
@@ -132,7 +132,7 @@ def export_command(source, out_dir, data_dir, force, download):
 @friendly_errors
 def validate(model_dir, data_dir, download):
     """Re-check an export folder: hashes, the ONNX checker, and parity with PyTorch on the test set."""
-    from .validate import format_report, validate_folder
+    from .exporting.validate import format_report, validate_folder
 
     click.echo(format_report(validate_folder(model_dir, data_dir, download)))
     click.echo(f"{model_dir}: all artifacts match PyTorch")
@@ -149,7 +149,8 @@ def validate(model_dir, data_dir, download):
 @friendly_errors
 def preview(data_dir, split, start, count, out, download):
     """The tutorial's sample grid: images START.. of a split, each titled with its label."""
-    from . import data, plots
+    from . import data
+    from .reports import plots
 
     root = data.resolve_data_dir(data_dir)
     splits = {name: data.load_split(root, name, download) for name in ("train", "test")}
@@ -172,7 +173,7 @@ def preview(data_dir, split, start, count, out, download):
 @friendly_errors
 def report(run_dir, model_dir, data_dir, limit, download):
     """Pictures: RUN_DIR's training curves, and/or a test-set report for --model-dir."""
-    from . import report as report_lib
+    from .reports import report as report_lib
 
     if not run_dir and not model_dir:
         raise UserError("give a training RUN_DIR, --model-dir DIR, or both")
@@ -193,7 +194,7 @@ def report(run_dir, model_dir, data_dir, limit, download):
 @friendly_errors
 def quantize(model_dir, data_dir, calibration_images, download):
     """Write MODEL_DIR/model.int8.onnx: onnxruntime static QDQ INT8, calibrated on training images."""
-    from .quantize import quantize as run_quantize
+    from .exporting.quantize import quantize as run_quantize
 
     result = run_quantize(model_dir, data_dir, calibration_images, download, log=click.echo)
     click.echo(f"INT8 accuracy {100 * result['accuracy']:.2f}% (fp32 {100 * result['onnx_fp32_accuracy']:.2f}%, "
@@ -231,7 +232,9 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
     """Benchmark inference on the MNIST test set: onnxruntime fp32 / INT8 against PyTorch eager and TorchScript."""
     from pathlib import Path
 
-    from . import atomic, bench as bench_lib, report as report_lib
+    from . import atomic
+    from .inference import bench as bench_lib
+    from .reports import report as report_lib
 
     if any(b <= 0 for b in batch_sizes) or (threads is not None and threads <= 0) or (limit is not None and limit <= 0):
         raise UserError("--batch-sizes, --threads and --limit take positive numbers")
@@ -265,7 +268,8 @@ def predict(inputs, model_path, out, invert, batch_size):
     """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files.
 
     Exit code 2 when any input failed (its row says why); every other input is still labelled."""
-    from .predict import predict as run_predict, to_csv, write
+    from .inference.predict import predict as run_predict
+    from .inference.predict import to_csv, write
 
     if batch_size <= 0:
         raise UserError("--batch-size must be a positive integer")

@@ -3,9 +3,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import train_job
 from mnist_dist import data
 from mnist_dist.errors import UserError
+
+from conftest import train_job
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import run, sigkill_when
-from mnist_dist import manifest as manifest_lib
 from mnist_dist.cli import main
 from mnist_dist.errors import UserError
+from mnist_dist.exporting import manifest as manifest_lib
 from mnist_dist.model import CNN
+
+from conftest import run, sigkill_when
 
 ARTIFACT_FILES = {"model.ts", "model.onnx", "model.pt2", "reference.pt", "manifest.json"}
 
@@ -111,7 +112,7 @@ def test_validate_passes_then_catches_a_tampered_model(exported, tmp_path):
 
 
 def test_a_mismatch_names_the_worst_artifact_and_publishes_nothing(trained_run, mnist_root, tmp_path, monkeypatch):
-    from mnist_dist import export
+    from mnist_dist.exporting import export
 
     real_write_onnx = export.write_onnx
 
@@ -142,7 +143,7 @@ def test_a_killed_export_leaves_nothing_under_the_final_name(trained_run, tmp_pa
 
 
 def bad_checkpoints(tmp_path, trained_run):
-    from mnist_dist import checkpoint
+    from mnist_dist.training import checkpoint
 
     state = checkpoint.load(checkpoint.latest_checkpoint(trained_run))
     corrupt = tmp_path / "corrupt.pt"

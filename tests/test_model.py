@@ -46,6 +46,7 @@ def test_channels_last_gives_the_same_logits():
 
 def test_model_module_imports_only_torch():
     import ast
+
     import mnist_dist.model as m
 
     tree = ast.parse(open(m.__file__).read())

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import run
-from mnist_dist import plots, report
 from mnist_dist.atomic import read_jsonl
 from mnist_dist.cli import main
+from mnist_dist.reports import plots, report
+
+from conftest import run
 
 
 def test_preview_writes_the_tutorials_grid(mnist_root, tmp_path):

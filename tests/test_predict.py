@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run
-from mnist_dist import data, images, predict
+from mnist_dist import data
 from mnist_dist.errors import UserError
+from mnist_dist.inference import images, predict
+
+from conftest import run
 
 CLI = [sys.executable, "-m", "mnist_dist.cli"]
 
@@ -36,7 +38,7 @@ def test_predict_on_pngs_agrees_label_for_label_with_bench(exported_model, test_
     predicted = np.array([int(r["prediction"]) for r in rows])
     # bench's path: the test tensors through the same ONNX model, scaled by the manifest's contract
     manifest = json.loads((exported_model / "manifest.json").read_text())
-    from mnist_dist import runtimes
+    from mnist_dist.inference import runtimes
 
     x = pixels[:300, None].astype(np.float32) * np.float32(manifest["input"]["scale"])
     assert predicted.tolist() == runtimes.load_runner(exported_model / "model.onnx")(x).argmax(1).tolist()

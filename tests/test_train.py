@@ -6,9 +6,10 @@ import sys
 
 import torch
 
-from conftest import ROOT, accelerate_launch, cpu_env, run, sigkill_when, train_job
-from mnist_dist import checkpoint
 from mnist_dist.atomic import read_jsonl
+from mnist_dist.training import checkpoint
+
+from conftest import ROOT, accelerate_launch, cpu_env, run, sigkill_when, train_job
 
 METRIC_KEYS = {"epoch", "train_loss", "test_accuracy", "test_loss", "test_samples", "images_per_s", "wall_s"}
 

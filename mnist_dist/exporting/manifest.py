@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .errors import UserError
-from .model import build_model
+from .. import atomic
+from ..errors import UserError
+from ..model import build_model
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch_(\d+)\.pt$")

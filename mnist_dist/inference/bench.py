@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import manifest as manifest_lib, runtimes, sysinfo
-from .errors import UserError
-from .quantize import INT8_FILE, accuracy
-from .validate import test_images
+from .. import sysinfo
+from ..errors import UserError
+from ..exporting import manifest as manifest_lib
+from ..exporting.quantize import INT8_FILE, accuracy
+from ..exporting.validate import test_images
+from . import runtimes
 
 BATCH_SIZES = (1, 64, 1024, 10_000)
 RUNTIMES = ("onnxruntime-fp32", "onnxruntime-int8", "pytorch-eager", "torchscript")
@@ -21,7 +23,7 @@ RUNTIMES = ("onnxruntime-fp32", "onnxruntime-int8", "pytorch-eager", "torchscrip
 
 def model_flops(model_config: dict) -> int:
     """Multiply-adds x 2 of one forward pass, counted from the layers (about 20.8 MFLOP for this CNN)."""
-    from .model import build_model
+    from ..model import build_model
 
     flops = []
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @contextmanager
@@ -42,7 +42,7 @@ def load_pt2(path):
 
 
 def load_reference(path):
-    from .checkpoint import load_model
+    from ..training.checkpoint import load_model
 
     model, _ = load_model(path)
     return _torch_runner(model)

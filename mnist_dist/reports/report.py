@@ -4,8 +4,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, manifest as manifest_lib, plots, runtimes
-from .errors import UserError
+from .. import atomic, data
+from ..errors import UserError
+from ..exporting import manifest as manifest_lib
+from ..inference import runtimes
+from . import plots
 
 CURVES = "curves.png"
 CONFUSION = "confusion.png"

@@ -2,9 +2,10 @@
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
-from .errors import UserError
-from .launch import make_accelerator
+from .. import data
+from ..errors import UserError
+from ..launch import make_accelerator
+from . import checkpoint
 
 
 @torch.no_grad()

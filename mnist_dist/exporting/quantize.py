@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, data, manifest as manifest_lib, runtimes
-from .errors import UserError
+from .. import atomic, data
+from ..errors import UserError
+from ..inference import runtimes
+from . import manifest as manifest_lib
 from .validate import test_images
 
 INT8_FILE = "model.int8.onnx"

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import atomic  # noqa: E402
+from .. import atomic  # noqa: E402
 
 DPI = 100
 GRID_SIZE_IN = (6, 6)

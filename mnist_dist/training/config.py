@@ -2,7 +2,7 @@
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("constant", "onecycle")

@@ -13,10 +13,12 @@ from typing import Optional
 
 import numpy as np
 
-from . import atomic, manifest as manifest_lib, runtimes
-from .errors import UserError
+from .. import atomic
+from ..errors import UserError
+from ..exporting import manifest as manifest_lib
+from ..launch import progress_bar
+from . import runtimes
 from .images import BadImage, open_grayscale, to_mnist
-from .launch import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 IDX_IMAGE_MAGIC = 2051

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, manifest as manifest_lib
-from .errors import UserError
-from . import atomic
-from .runtimes import load_reference, quiet_torchscript
+from .. import atomic
+from ..errors import UserError
+from ..inference.runtimes import load_reference, quiet_torchscript
+from ..training import checkpoint
+from . import manifest as manifest_lib
 from .validate import ATOL, BATCH_SIZES, RTOL, check_onnx_file, test_images, validate_artifacts
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import sysinfo
-from .atomic import read_jsonl
-from .model import CNN
+from .. import sysinfo
+from ..atomic import read_jsonl
+from ..model import CNN
 
 TARGETS = (0.990, 0.992)
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def sync(device: str) -> None:

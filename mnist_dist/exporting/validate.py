@@ -3,8 +3,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, manifest as manifest_lib, runtimes
-from .errors import UserError
+from .. import data
+from ..errors import UserError
+from ..inference import runtimes
+from . import manifest as manifest_lib
 
 RTOL, ATOL = 1e-3, 1e-5
 BATCH_SIZES = (1, 7, 10_000)

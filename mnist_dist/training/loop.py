@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import atomic, checkpoint, data, plots, report
+from .. import atomic, data
+from ..errors import UserError
+from ..launch import make_accelerator, progress_bar, resolve_mixed_precision
+from ..model import CNN, count_parameters
+from ..reports import plots, report
+from . import checkpoint
 from .augment import random_affine
 from .config import TrainConfig
-from .errors import UserError
 from .evaluate import evaluate
-from .launch import make_accelerator, progress_bar, resolve_mixed_precision
-from .model import CNN, count_parameters
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"

@@ -1,0 +1,1 @@
+"""Inference: runtimes for exported models, image preparation, predict and the inference benchmark."""

@@ -1,0 +1,1 @@
+"""Reports: matplotlib pictures and the test-set report of an exported model."""
