@@ -1,7 +1,8 @@
 """Regenerate the README's Performance table from benchmark JSON files; never edit that table by hand.
 
-    python jobs/perf_table.py benchmarks/train-*.json            # rewrites README.md between the markers
-    python jobs/perf_table.py benchmarks/train-*.json --check    # exit 1 if README.md is out of date
+    python jobs/perf_table.py             # rewrites README.md between the markers, from REPORTS
+    python jobs/perf_table.py --check     # exit 1 if README.md is out of date
+    python jobs/perf_table.py FILE...     # from other reports
 """
 import json
 from pathlib import Path
@@ -9,13 +10,24 @@ from pathlib import Path
 import click
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+# The reports behind the README's table, newest machine first.
+REPORTS = ["benchmarks/train-cpu-launchers.json", "benchmarks/train-cpu.json", "benchmarks/train-cpu-best.json",
+           "benchmarks/train-h100.json"]
 
 
 def machine_label(report: dict) -> str:
     m = report["machine"]
     if report["results"] and report["results"][-1]["settings"].get("device", "cpu") == "cuda" and m.get("gpu"):
         return m["gpu"]
-    return f"{m['cpu']}, {m['cores']} cores"
+    return f"{m['cpu']} ({m.get('cpu_capability', '?')}), {m['cores']} cores"
+
+
+def recipe_label(result: dict) -> str:
+    """Reports written before the launcher was recorded ran one process through plain python."""
+    name, settings = result["name"], result["settings"]
+    if "launcher" not in settings and settings.get("processes") == 1 and name.endswith(" process)"):
+        return name[:-1] + ", python)"
+    return name
 
 
 TARGETS = (0.990, 0.992, 0.995)
@@ -37,7 +49,7 @@ def table(reports: list) -> str:
         for r in report["results"]:
             final = f"{100 * r['final_accuracy']:.2f}% ({len(r['epochs'])})" if r["epochs"] else "-"
             times = " | ".join(time_to(r, t) for t in TARGETS)
-            lines.append(f"| {machine_label(report)} | {r['name']} | {r['images_per_s']:,.0f} | "
+            lines.append(f"| {machine_label(report)} | {recipe_label(r)} | {r['images_per_s']:,.0f} | "
                          f"{r['speedup_images_per_s']:.2f}x | {times} | {final} |")
     sources = ", ".join(r["_source"] for r in reports)
     versions = ", ".join(sorted({f"torch {r['versions']['torch']}" for r in reports}))
@@ -47,12 +59,13 @@ def table(reports: list) -> str:
 
 
 @click.command()
-@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("reports", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--readme", default="README.md", show_default=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--check", is_flag=True, help="Only check that the README's table is up to date.")
 def main(reports, readme, check):
+    """Write (or --check) the README's Performance table from REPORTS (default: the committed benchmarks)."""
     loaded = []
-    for path in reports:
+    for path in reports or REPORTS:
         report = json.loads(Path(path).read_text())
         report["_source"] = f"`{path}`"
         loaded.append(report)

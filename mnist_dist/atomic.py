@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UserError
+
 
 @contextmanager
 def atomic_path(path):
@@ -25,6 +27,35 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_folder_writable(folder, option: str) -> None:
+    """Prove that ``folder`` (or, while it does not exist, its deepest existing parent) accepts new files,
+    before any work starts: a run that fails only at its end wastes the user's time."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder} is not writable ({existing} is not a folder)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {folder} is not writable ({e.strerror or e})") from e
+
+
+def check_output_file(path, option: str) -> Path:
+    """A file about to be written: its folder must already exist and accept files, and it must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    parent = path.absolute().parent
+    if not parent.exists():
+        raise UserError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {path.parent} is not a folder")
+    check_folder_writable(path.absolute().parent, option)
+    return path
 
 
 def umask() -> int:

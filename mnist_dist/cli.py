@@ -1,5 +1,6 @@
 """The ``mnist-dist`` command group. Each command is a thin shell over a library module."""
 import functools
+import sys
 
 import click
 
@@ -7,13 +8,21 @@ from .errors import UserError
 
 
 def friendly_errors(func):
-    """Turn UserError into click's one-line 'Error: ...' and exit code 1."""
+    """Turn UserError into click's one-line 'Error: ...' and exit code 1.
+
+    Under a launcher every process meets the same bad input: only the main one says so,
+    the others leave quietly with the same exit code.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except UserError as e:
+            from .launch import launched_rank
+
+            if launched_rank() != 0:
+                sys.exit(1)
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -26,9 +35,14 @@ def main():
 
 
 data_dir_option = click.option(
-    "--data-dir", envvar="MNIST_DATA_DIR", show_envvar=True, type=click.Path(file_okay=False),
-    help="torchvision root holding MNIST/raw (default: ./data; downloaded there if missing and online).",
+    "--data-dir", type=click.Path(file_okay=False),
+    help="torchvision root holding MNIST/raw, downloaded there if missing and online. Default: $MNIST_DATA_DIR, "
+         "then ./data if it holds MNIST, then the copy bundled with mnist-dist.",
 )
+
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="CPU threads per process. Default: $OMP_NUM_THREADS if above 1 (accelerate "
+                                   "launch exports 1 by default), else physical cores / processes on this machine.")
 
 
 download_option = click.option("--download/--no-download", default=True, show_default=True,
@@ -56,21 +70,29 @@ def recipe_help(name: str, text: str) -> str:
 @click.option("--schedule", type=click.Choice(["constant", "onecycle"]), default=None,
               help=recipe_help("schedule", "Learning-rate schedule."))
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default=None,
-              help=recipe_help("mixed_precision", "Autocast precision; auto = bf16 on CPUs with native bf16 "
-                               "(AMX/AVX-512-BF16), fp32 elsewhere (measured faster on GPUs for this CNN). "
-                               "fp16 needs a GPU."))
+              help=recipe_help("mixed_precision", "Autocast precision; wins over `accelerate launch "
+                               "--mixed_precision` (or `accelerate config`), which wins over the preset. auto = bf16 "
+                               "on CPUs with native bf16 (AMX/AVX-512-BF16), fp32 elsewhere (measured faster on GPUs "
+                               "for this CNN). fp16 needs a GPU."))
 @click.option("--channels-last/--no-channels-last", default=None,
               help=recipe_help("channels_last", "channels_last memory format for the convolutions."))
 @click.option("--label-smoothing", type=float, default=None, help=recipe_help("label_smoothing", "Label smoothing."))
 @click.option("--augment/--no-augment", default=None,
               help=recipe_help("augment", "Random small rotation, scale and shift of training images."))
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation, shuffling, augmentation.")
+@click.option("--seed", default=None, type=int,
+              help="Seed for initialisation, shuffling, augmentation. [default: 0, or the resumed run's]")
 @click.option("--eval-batch-size", default=1000, show_default=True, type=int, help="Test batch size per process.")
 @click.option("--resume", metavar="PATH|latest", default=None,
               help="Continue from a checkpoint file, or 'latest' in --output-dir, after its last finished epoch.")
 @click.option("--limit-batches", type=int, default=None, metavar="N",
-              help="Train at most N batches per epoch (smoke runs); evaluation still covers the whole test set.")
+              help="Train at most N batches per epoch (smoke runs); evaluation still covers the whole test set. "
+                   "A resumed run keeps its own.")
 @click.option("--log-every", default=200, show_default=True, type=int, help="Print the loss every N batches.")
+@click.option("--metrics-every", default=20, show_default=True, type=int, metavar="N",
+              help="Record the train loss and learning rate every N steps (steps.jsonl, curves.png, trackers).")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard", "mlflow", "wandb", "all"]), default="none",
+              show_default=True, help="Experiment tracking through Accelerate, written into --output-dir.")
+@threads_option
 @click.option("--overwrite", is_flag=True, help="Start afresh in an --output-dir that already holds a run.")
 @download_option
 @click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
@@ -86,22 +108,25 @@ def train(**options):
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @data_dir_option
-@click.option("--batch-size", default=1000, show_default=True, type=int, help="Test batch size per process.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Test batch size per process.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
 @download_option
 @click.option("--cpu", is_flag=True, help="Evaluate on the CPU even when a GPU is present.")
+@threads_option
 @friendly_errors
-def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu):
+def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu, threads):
     """Test accuracy and loss of CHECKPOINT (a file, or a run dir for its latest) on all 10,000 test images.
 
     Works under `accelerate launch` too: the images are sharded and counted once."""
-    import os
-
     from . import atomic
+    from .launch import launched_rank
     from .training.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(checkpoint, data_dir, batch_size, download, cpu)
-    if json_path and int(os.environ.get("RANK", "0")) == 0:
+    if json_path:
+        atomic.check_output_file(json_path, "--json")
+    metrics = evaluate_checkpoint(checkpoint, data_dir, batch_size, download, cpu, threads)
+    if json_path and launched_rank() == 0:
         atomic.write_json(json_path, metrics)
 
 
@@ -149,11 +174,13 @@ def validate(model_dir, data_dir, download):
 @friendly_errors
 def preview(data_dir, split, start, count, out, download):
     """The tutorial's sample grid: images START.. of a split, each titled with its label."""
-    from . import data
+    from . import atomic
+    from .data import mnist
     from .reports import plots
 
-    root = data.resolve_data_dir(data_dir)
-    splits = {name: data.load_split(root, name, download) for name in ("train", "test")}
+    atomic.check_output_file(out, "--out")
+    source = mnist.find_source(data_dir)
+    splits = {name: mnist.load_split(name, download=download, source=source) for name in ("train", "test")}
     click.echo(f"Training images: {len(splits['train'][1])}, test images: {len(splits['test'][1])}")
     images, labels = splits[split]
     if count <= 0 or not 0 <= start or start + count > len(labels):
@@ -238,6 +265,8 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
 
     if any(b <= 0 for b in batch_sizes) or (threads is not None and threads <= 0) or (limit is not None and limit <= 0):
         raise UserError("--batch-sizes, --threads and --limit take positive numbers")
+    if json_path:
+        atomic.check_output_file(json_path, "--json")
     result = bench_lib.run(model_dir, data_dir, batch_sizes, runtime_names, threads, providers, seconds,
                            limit=limit, download=download, log=lambda *_: None)
     click.echo(bench_lib.format_table(result))
@@ -268,11 +297,14 @@ def predict(inputs, model_path, out, invert, batch_size):
     """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files.
 
     Exit code 2 when any input failed (its row says why); every other input is still labelled."""
+    from . import atomic
     from .inference.predict import predict as run_predict
     from .inference.predict import to_csv, write
 
     if batch_size <= 0:
         raise UserError("--batch-size must be a positive integer")
+    if out:
+        atomic.check_output_file(out, "--out")
     rows, summary = run_predict(inputs, model_path, invert, batch_size)
     if out:
         write(rows, out)

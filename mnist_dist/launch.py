@@ -1,4 +1,9 @@
-"""Accelerate set-up shared by training and evaluation, and the progress bar."""
+"""What every job needs from its launcher: processes, threads, mixed precision, trackers, a progress bar.
+
+Jobs run under ``python``, ``accelerate launch`` (which starts torchrun), or an
+MPI launcher. Rank and world size are read the way Accelerate reads them, so
+the same code sees the same numbers under each.
+"""
 import os
 import sys
 
@@ -7,22 +12,73 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 
+# Accelerate's own lists of the variables each launcher (torchrun, Intel MPI / MPICH, Open MPI, MVAPICH) sets.
+WORLD_SIZE_ENV = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
+RANK_ENV = ["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"]
+LOCAL_SIZE_ENV = ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"]
+# `accelerate launch` always exports this (its --mixed_precision, or `accelerate config`'s, else "no").
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "all")
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
-    """An Accelerator that works the same under python, accelerate launch, gloo and NCCL."""
-    from accelerate import Accelerator
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Several processes without CUDA must talk over gloo on the CPU; without cpu=True
-    # Accelerate would silently start unconnected copies that each train alone.
-    cpu = cpu or (world_size > 1 and not torch.cuda.is_available())
-    try:
-        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-    except ValueError as e:  # e.g. fp16 asked for on a device without fp16 support
-        raise UserError(f"cannot start with mixed precision {mixed_precision}: {e}") from e
-    if accelerator.num_processes != world_size:
-        raise UserError(f"{world_size} processes were launched but {accelerator.num_processes} joined")
-    return accelerator
+def env_int(names: list, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+    return default
+
+
+def launched_world_size() -> int:
+    return env_int(WORLD_SIZE_ENV, 1)
+
+
+def launched_rank() -> int:
+    """This process's global rank as the launcher numbered it; 0 when not launched."""
+    return env_int(RANK_ENV, 0)
+
+
+def local_processes() -> int:
+    return max(1, env_int(LOCAL_SIZE_ENV, 1))
+
+
+def under_accelerate_launch() -> bool:
+    return LAUNCHER_PRECISION_ENV in os.environ
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's arithmetic units)."""
+    import psutil
+
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    return max(1, min(physical, logical))
+
+
+def choose_threads(requested=None) -> tuple:
+    """(intra-op threads per process, why). ``--threads`` wins; then $OMP_NUM_THREADS, except the 1 that
+    ``accelerate launch`` exports whenever --num_cpu_threads_per_process is not given: that silent default
+    would train a CPU job on one core, so only values above 1 count as chosen under the launcher; last,
+    physical cores / processes on this machine."""
+    if requested:
+        return requested, "--threads"
+    omp = env_int(["OMP_NUM_THREADS"], 0)
+    if omp > 1 or (omp == 1 and not under_accelerate_launch()):
+        return omp, "OMP_NUM_THREADS"
+    cores, local = physical_cores(), local_processes()
+    return max(1, cores // local), f"{cores} physical cores / {local} local process(es)"
+
+
+def apply_threads(requested=None) -> tuple:
+    threads, why = choose_threads(requested)
+    torch.set_num_threads(threads)
+    return threads, why
+
+
+def will_use_cpu(cpu: bool = False) -> bool:
+    """The device Accelerate will pick: CUDA, then mps, else the CPU (or the CPU when asked)."""
+    cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 def native_cpu_bf16() -> bool:
@@ -33,14 +89,72 @@ def native_cpu_bf16() -> bool:
         return False
 
 
-def resolve_mixed_precision(requested: str, cpu: bool = False) -> str:
+def choose_mixed_precision(job_value, recipe_value: str, cpu: bool = False) -> tuple:
+    """(precision, chosen by): the job's --mixed-precision, then the launcher's (its flag or `accelerate
+    config`; its "no" is only the default it always exports), then the recipe's. 'auto' resolves here."""
+    launcher = os.environ.get(LAUNCHER_PRECISION_ENV, "no").lower()
+    if job_value is not None:
+        value, chosen_by = job_value, "--mixed-precision"
+    elif launcher != "no":
+        value, chosen_by = launcher, "accelerate launch"
+    else:
+        value, chosen_by = recipe_value, "recipe"
+    on_cpu = will_use_cpu(cpu)
+    value = resolve_auto(value, on_cpu)
+    if value not in ("no", "bf16", "fp16"):
+        raise UserError(f"mixed precision {value!r} ({chosen_by}) is not supported here; use no, bf16 or fp16")
+    if value == "fp16" and on_cpu:
+        raise UserError(f"fp16 mixed precision ({chosen_by}) needs a GPU: on a CPU Accelerate would silently train "
+                        "in fp32. Use --mixed-precision bf16 or no")
+    return value, chosen_by
+
+
+def resolve_auto(requested: str, on_cpu: bool) -> str:
     """'auto' is bf16 only where it pays for this small CNN: CPUs with native bf16 (AMX, AVX-512 BF16),
     where the convolutions are compute-bound. On an H100 a step is launch-bound and autocast's extra casts
     made 2 epochs 22% slower (4.0 s against 3.3 s), so GPUs, mps and other CPUs stay in fp32."""
     if requested != "auto":
         return requested
-    on_accelerator = not cpu and (torch.cuda.is_available() or torch.backends.mps.is_available())
-    return "bf16" if not on_accelerator and native_cpu_bf16() else "no"
+    return "bf16" if on_cpu and native_cpu_bf16() else "no"
+
+
+def check_trackers(report_to: str) -> list:
+    """Accelerate ``log_with`` values for --report-to, refusing a tracker whose package is missing."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available(), "mlflow": is_mlflow_available(),
+                 "wandb": is_wandb_available()}
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        found = [name for name, ok in available.items() if ok]
+        if not found:
+            raise UserError("--report-to all: none of tensorboard, mlflow, wandb is installed "
+                            "(pip install tensorboard)")
+        return found
+    if report_to not in available:
+        raise UserError(f"--report-to must be one of {', '.join(TRACKERS)}, got {report_to!r}")
+    if not available[report_to]:
+        raise UserError(f"--report-to {report_to}: the {report_to} package is not installed (pip install {report_to})")
+    return [report_to]
+
+
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with=None, project_dir=None):
+    """An Accelerator that works the same under python, accelerate launch, torchrun, MPI, gloo and NCCL."""
+    from accelerate import Accelerator
+
+    world_size = launched_world_size()
+    # Several processes without CUDA must talk over gloo on the CPU; without cpu=True
+    # Accelerate would silently start unconnected copies that each train alone.
+    cpu = cpu or (world_size > 1 and not torch.cuda.is_available())
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None,
+                                  project_dir=str(project_dir) if project_dir else None)
+    except ValueError as e:  # e.g. fp16 asked for on a device without fp16 support
+        raise UserError(f"cannot start with mixed precision {mixed_precision}: {e}") from e
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise UserError(f"{world_size} processes were launched but they did not join one process group")
+    return accelerator
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True):

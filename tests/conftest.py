@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST files, a CLI runner, and one short-trained run reused by many tests."""
+"""Shared fixtures: real MNIST (the copy bundled in the package), a CLI runner, and one short-trained run."""
 import hashlib
 import os
 import shutil
@@ -9,25 +9,27 @@ from pathlib import Path
 
 import pytest
 
+from mnist_dist.data import mnist
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 
-def data_dir() -> Path:
-    path = Path(os.environ.get("MNIST_DATA_DIR") or DEFAULT_DATA)
-    if not (path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
-        pytest.exit(f"MNIST not found under {path}: set MNIST_DATA_DIR to a torchvision root holding MNIST/raw", 2)
-    return path
+@pytest.fixture(autouse=True, scope="session")
+def bundled_data_only():
+    """Every test, and every job it starts, reads the MNIST bundled in the package unless it says otherwise."""
+    os.environ.pop(mnist.DATA_DIR_ENV, None)
 
 
 @pytest.fixture(scope="session")
-def mnist_root() -> Path:
-    return data_dir()
+def mnist_root(tmp_path_factory) -> Path:
+    """The bundled MNIST written out as a torchvision root, for tests that need files on disk."""
+    return mnist.write_raw_files(tmp_path_factory.mktemp("mnist_root"), mnist.Source(None, "bundled"))
 
 
 def cpu_env(**extra) -> dict:
-    """Environment for child processes: real MNIST, unbuffered output, the CPU even if a GPU is present."""
-    env = dict(os.environ, MNIST_DATA_DIR=str(data_dir()), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    """Environment for child processes: the bundled MNIST, unbuffered output, the CPU even if a GPU is present."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.pop(mnist.DATA_DIR_ENV, None)
     env.update(extra)
     return env
 

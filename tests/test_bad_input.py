@@ -1,7 +1,9 @@
 """Bad input: one clear line, a non-zero exit, and nothing on disk overwritten."""
+import sys
+
 import pytest
 
-from conftest import file_hashes, train_job
+from conftest import file_hashes, run, train_job
 
 
 def assert_one_line_error(proc, *fragments):
@@ -64,3 +66,27 @@ def test_onecycle_run_refuses_a_changed_epoch_count(tmp_path):
                      "--resume", "latest", check=False)
     assert_one_line_error(proc, "planned for 2 epochs", "--epochs 2")
     assert file_hashes(out) == before
+
+
+def cli(*args, **kwargs):
+    return run([sys.executable, "-m", "mnist_dist.cli", *args], check=False, **kwargs)
+
+
+def test_output_files_are_checked_before_any_work(trained_run, exported_model, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    model = exported_model / "model.onnx"
+    cases = [
+        (["predict", exported_model, "--model", model, "--out", missing / "preds.csv"], "does not exist"),
+        (["bench", "--model-dir", exported_model, "--json", blocker / "bench.json"], "is not a folder"),
+        (["evaluate", trained_run, "--json", missing / "metrics.json"], "does not exist"),
+        (["preview", "--out", missing / "grid.png"], "does not exist"),
+        (["preview", "--out", tmp_path], "is a directory"),
+    ]
+    for args, message in cases:
+        proc = cli(*args)
+        assert_one_line_error(proc, message)
+        # Refused up front: none of the work's own output (results, tables, summaries) was printed.
+        assert proc.stdout == "" and "inputs," not in proc.stderr, args
+    assert not missing.exists() and blocker.read_text() == "keep me"

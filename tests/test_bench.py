@@ -10,7 +10,7 @@ from conftest import run
 
 
 def test_model_flops_match_the_layers():
-    assert round(bench.model_flops(CNN().config) / 1e6, 1) == 20.8
+    assert round(bench.model_flops(CNN().config, (28, 28)) / 1e6, 1) == 20.8
 
 
 def test_bench_reports_every_runtime_and_batch(exported_model, tmp_path):

@@ -82,12 +82,12 @@ print(json.dumps({k: [float(np.abs(v - want).max()), int((v.argmax(1) != want.ar
 """
 
 
-def test_each_artifact_agrees_when_loaded_in_a_fresh_process(exported, mnist_root, tmp_path):
-    from mnist_dist import data
+def test_each_artifact_agrees_when_loaded_in_a_fresh_process(exported, tmp_path):
+    from mnist_dist.data import batches, mnist
 
     out, _ = exported
-    images, _ = data.load_split(mnist_root, "test", download=False)
-    np.save(tmp_path / "x.npy", data.to_float(images[:500]).numpy())
+    images, _ = mnist.load_split("test")
+    np.save(tmp_path / "x.npy", batches.to_float(images[:500]).numpy())
     proc = run([sys.executable, "-c", FRESH_PROCESS_CHECK, out, tmp_path / "x.npy"])
     report = json.loads(proc.stdout)
     assert set(report) == {"torchscript", "pt2", "onnx"}

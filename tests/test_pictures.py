@@ -13,14 +13,14 @@ from mnist_dist.reports import plots, report
 from conftest import run
 
 
-def test_preview_writes_the_tutorials_grid(mnist_root, tmp_path):
+def test_preview_writes_the_tutorials_grid(tmp_path):
     out = tmp_path / "grid.png"
     proc = run([sys.executable, "-m", "mnist_dist.cli", "preview", "--out", out])
     assert "Training images: 60000, test images: 10000" in proc.stdout
     assert plots.png_size(out) == (600, 600)
-    from mnist_dist import data
+    from mnist_dist.data import mnist
 
-    _, labels = data.load_split(mnist_root, "train", download=False)
+    _, labels = mnist.load_split("train")
     expected = " ".join(str(int(v)) for v in labels[59000:59009])
     assert f"train images 59000..59008, labels {expected}" in proc.stdout
 
@@ -33,18 +33,25 @@ def test_preview_rejects_a_range_outside_the_split(mnist_root, tmp_path):
 
 
 def test_training_writes_curves_and_report_redraws_them(trained_run, tmp_path):
-    assert plots.png_size(trained_run / "curves.png") == (1200, 450)
     import shutil
 
+    plots.png_size(trained_run / "curves.png")  # training drew it: a PNG
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     (run_dir / "curves.png").unlink()
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    rows.append({**rows[0], "epoch": 2, "run": 2})  # as if resumed: a second line
+    rows, steps = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "steps.jsonl")
+    assert len(steps) == 400 // 20  # 400 batches, a row every 20 steps
+    rows.append({**rows[0], "epoch": 2, "run": 2})  # as if resumed for a second epoch
+    steps += [{**s, "step": s["step"] + 400, "epoch": s["epoch"] + 1} for s in steps]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     result = CliRunner().invoke(main, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
-    assert plots.png_size(run_dir / "curves.png") == (1200, 450)
+    plots.png_size(run_dir / "curves.png")
+    drawn = plots.training_curves(rows, steps, tmp_path / "again.png")
+    assert drawn["step_points"] == 40 and drawn["epoch_points"] == 2
+    assert drawn["resumed_at"] == [1.0]  # the second run starts after epoch 1
+    assert drawn["accuracy_axis"][1] == 100 and drawn["accuracy_axis"][0] < 100 * rows[0]["test_accuracy"]
 
 
 def test_report_needs_something_to_report_on():

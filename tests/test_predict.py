@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_dist import data
+from mnist_dist.data import mnist
 from mnist_dist.errors import UserError
 from mnist_dist.inference import images, predict
+from mnist_dist.scores import softmax
 
 from conftest import run
 
@@ -17,8 +18,8 @@ CLI = [sys.executable, "-m", "mnist_dist.cli"]
 
 
 @pytest.fixture(scope="module")
-def test_digits(mnist_root):
-    pixels, labels = data.load_split(mnist_root, "test", download=False)
+def test_digits():
+    pixels, labels = mnist.load_split("test")
     return pixels.numpy(), labels.numpy()
 
 
@@ -79,7 +80,7 @@ def test_rgb_odd_size_and_dark_on_light_images_are_made_mnist_like(exported_mode
     pixels, labels = test_digits
     runner, manifest = predict.load_model(exported_model / "model.onnx")
     x = pixels[:100, None].astype(np.float32) * np.float32(manifest["input"]["scale"])
-    confident = [i for i, p in enumerate(predict.softmax(runner(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
+    confident = [i for i, p in enumerate(softmax(runner(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
     files, truth = [], []
     for i in confident[:8]:
         digit = Image.fromarray(pixels[i])
@@ -104,21 +105,21 @@ def test_rgb_odd_size_and_dark_on_light_images_are_made_mnist_like(exported_mode
 def test_prepared_images_look_like_mnist():
     canvas = np.full((60, 100), 255, np.float32)  # dark-on-light 100x60
     canvas[10:50, 20:30] = 0  # a tall bar: a "1"
-    out = images.to_mnist(canvas)
+    out = images.to_mnist(canvas, "auto", (28, 28), 20)
     assert out.shape == (28, 28) and out[0].max() == 0 and out.max() > 200  # white on black
     rows, cols = np.nonzero(out > 0.2 * out.max())
     assert rows.max() - rows.min() + 1 <= 20 and rows.max() - rows.min() + 1 >= 18  # fitted in 20x20
     mass = np.indices(out.shape).reshape(2, -1) @ out.ravel() / out.sum()
     assert np.allclose(mass, 13.5, atol=1.0)  # centred by mass
-    assert np.array_equal(images.to_mnist(np.zeros((28, 28), np.float32)), np.zeros((28, 28)))  # 28x28 taken as is
-    assert images.to_mnist(np.zeros((28, 28), np.float32), invert="yes").max() == 255
+    assert np.array_equal(images.to_mnist(np.zeros((28, 28), np.float32), "auto", (28, 28), 20), np.zeros((28, 28)))  # 28x28 taken as is
+    assert images.to_mnist(np.zeros((28, 28), np.float32), "yes", (28, 28), 20).max() == 255
 
 
 def test_npy_and_idx_inputs(exported_model, test_digits, mnist_root, tmp_path):
     pixels, labels = test_digits
     np.save(tmp_path / "u8.npy", pixels[:5])
     np.save(tmp_path / "f.npy", pixels[5:8, None].astype(np.float64) / 255)
-    idx = data.raw_folder(mnist_root) / "t10k-images-idx3-ubyte"
+    idx = mnist.raw_folder(mnist_root) / "t10k-images-idx3-ubyte"
     rows, summary = predict.predict([tmp_path / "u8.npy", tmp_path / "f.npy"], exported_model / "model.onnx",
                                     show_progress=False)
     assert [r["input"] for r in rows] == [f"{tmp_path / 'u8.npy'}#{i}" for i in range(5)] + \
@@ -127,6 +128,19 @@ def test_npy_and_idx_inputs(exported_model, test_digits, mnist_root, tmp_path):
     idx_rows, _ = predict.predict([idx], exported_model / "model.onnx", show_progress=False)
     assert len(idx_rows) == 10_000 and idx_rows[7]["input"].endswith("#7")
     assert np.mean([r["prediction"] == l for r, l in zip(idx_rows, labels)]) > 0.95
+
+
+def test_truncated_arrays_cost_only_their_own_row(exported_model, test_digits, mnist_root, tmp_path):
+    pixels, _ = test_digits
+    np.save(tmp_path / "good.npy", pixels[:3])
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:-100])
+    idx = (mnist.raw_folder(mnist_root) / "t10k-images-idx3-ubyte").read_bytes()
+    (tmp_path / "cut-idx3-ubyte").write_bytes(idx[: 16 + 28 * 28 * 5 + 7])
+    rows, summary = predict.predict([tmp_path / "good.npy", tmp_path / "cut.npy", tmp_path / "cut-idx3-ubyte"],
+                                    exported_model / "model.onnx", show_progress=False)
+    assert (summary["inputs"], summary["failed"]) == (5, 2)
+    assert [r["error"] == "" for r in rows] == [True, True, True, False, False]
+    assert "not a readable .npy file" in rows[3]["error"] and "truncated" in rows[4]["error"]
 
 
 def test_int8_and_torchscript_models_predict_too(exported_model, test_digits, tmp_path):

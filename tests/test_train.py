@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mnist_dist.atomic import read_jsonl
@@ -162,3 +163,39 @@ def test_training_benchmark_quick_mode(tmp_path):
     assert all(r["images_per_s"] > 0 for r in report["results"]) and report["results"][0]["speedup_images_per_s"] == 1
     assert {"cpu", "cores"} <= report["machine"].keys() and "torch" in report["versions"]
     assert "x tutorial" in proc.stdout
+
+
+def test_a_resumed_run_keeps_its_seed_and_batch_limit(tmp_path):
+    recipe = ["--preset", "tutorial", "--limit-batches", 5, "--seed", 3, "--log-every", 1000]
+    train_job("--output-dir", tmp_path / "straight", "--epochs", 2, *recipe)
+    train_job("--output-dir", tmp_path / "split", "--epochs", 1, *recipe)
+    train_job("--output-dir", tmp_path / "split", "--epochs", 2, "--resume", "latest")  # seed and limit not repeated
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert (config["seed"], config["limit_batches"]) == (3, 5)
+    assert [r["train_images"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == [5 * 64, 5 * 64]
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+
+
+def test_onecycle_resume_with_other_steps_per_epoch_is_refused_before_training():
+    from mnist_dist.errors import UserError
+    from mnist_dist.training.config import TrainConfig
+    from mnist_dist.training.loop import check_same_steps
+
+    state = {"path": "epoch_0001.pt", "processes": 2, "steps_per_epoch": 235,
+             "train_config": {"batch_size": 128, "limit_batches": None}}
+    same_global_batch = TrainConfig(schedule="onecycle", batch_size=256)
+    check_same_steps(same_global_batch, state, processes=1)  # 60,000 / 256 = 235 steps either way
+    for batch_size, processes in ((128, 1), (64, 2)):
+        with pytest.raises(UserError, match="235 steps per epoch .* would take 469 .* global batch of 256"):
+            check_same_steps(TrainConfig(schedule="onecycle", batch_size=batch_size), state, processes)
+    check_same_steps(TrainConfig(schedule="constant", batch_size=64), state, processes=1)  # no plan to break
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    train_job("--output-dir", out, "--preset", "tutorial", "--epochs", 2, "--limit-batches", 3)
+    train_job("--output-dir", out, "--preset", "tutorial", "--epochs", 1, "--limit-batches", 4, "--overwrite")
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["epoch_0001.pt"]
+    assert [(r["epoch"], r["train_images"]) for r in read_jsonl(out / "metrics.jsonl")] == [(1, 4 * 64)]
+    assert [s["step"] for s in read_jsonl(out / "steps.jsonl")] == [4]
+    assert checkpoint.load(checkpoint.latest_checkpoint(out))["train_config"]["limit_batches"] == 4

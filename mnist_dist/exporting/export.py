@@ -14,6 +14,7 @@ import torch
 from .. import atomic
 from ..errors import UserError
 from ..inference.runtimes import load_reference, quiet_torchscript
+from ..model import IMAGE_SIZE
 from ..training import checkpoint
 from . import manifest as manifest_lib
 from .validate import ATOL, BATCH_SIZES, RTOL, check_onnx_file, test_images, validate_artifacts
@@ -21,7 +22,7 @@ from .validate import ATOL, BATCH_SIZES, RTOL, check_onnx_file, test_images, val
 
 def example_input(batch: int = 2) -> torch.Tensor:
     # Batch 2, not 1: torch.export specialises a dimension it sees as 0 or 1.
-    return torch.rand(batch, 1, 28, 28)
+    return torch.rand(batch, 1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def write_torchscript(model, path) -> None:
@@ -58,13 +59,7 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder")
-    parent = out_dir.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise UserError(f"--out-dir {out_dir} is not writable ({e.strerror or e})") from e
+    atomic.check_folder_writable(out_dir.absolute().parent, "--out-dir")
 
 
 def publish(staging: Path, out_dir: Path) -> None:
@@ -96,6 +91,7 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
     check_out_dir(out_dir, force)
     contract = manifest_lib.contract(model.config)
     images, labels = test_images(contract, data_dir, download)
+    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.absolute().parent))
     try:
         log(f"Exporting {ckpt_path} (epoch {state.get('epoch', '?')})")

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..model import IMAGE_SIZE
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 OPSET = 18  # supported by every onnxruntime since 1.14
 ARTIFACTS = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 REFERENCE = "reference.pt"  # the eager weights every artifact is checked against
+DIGIT_BOX = 20  # MNIST fits each digit into 20x20 pixels, then centres it in 28x28
 
 
 def contract(model_config: dict) -> dict:
@@ -23,13 +25,15 @@ def contract(model_config: dict) -> dict:
     return {
         "input": {
             "name": "images",
-            "shape": ["batch", model_config["in_channels"], 28, 28],
+            "shape": ["batch", model_config["in_channels"], IMAGE_SIZE, IMAGE_SIZE],
             "dtype": "float32",
             "layout": "NCHW",
             "scale": 1 / 255,
             "scaling": "pixel / 255: uint8 0..255 to float 0..1, as torchvision's ToTensor",
             "polarity": "white digit on a black background",
-            "framing": "digit fitted in the central 20x20 box and centred by centre of mass, as MNIST",
+            "framing": f"digit fitted in the central {DIGIT_BOX}x{DIGIT_BOX} box and centred by centre of mass, "
+                       "as MNIST",
+            "digit_box": DIGIT_BOX,
         },
         "output": {"name": "logits", "shape": ["batch", model_config["num_classes"]], "dtype": "float32",
                    "note": "unnormalised scores: apply softmax for probabilities"},
@@ -43,6 +47,16 @@ def model_input(pixels, contract: dict) -> np.ndarray:
     if pixels.ndim == 3:
         pixels = pixels[:, None]
     return np.ascontiguousarray(pixels.astype(np.float32) * np.float32(contract["input"]["scale"]))
+
+
+def image_size(contract: dict) -> tuple:
+    """(height, width) of one input image."""
+    return tuple(contract["input"]["shape"][-2:])
+
+
+def digit_box(contract: dict) -> int:
+    """The box a digit is fitted into before centring (manifests written before this field: MNIST's 20)."""
+    return contract["input"].get("digit_box", DIGIT_BOX)
 
 
 def sha256(path) -> str:

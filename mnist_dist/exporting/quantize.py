@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic, data
+from .. import atomic
+from ..data import mnist
 from ..errors import UserError
 from ..inference import runtimes
+from ..scores import accuracy
 from . import manifest as manifest_lib
 from .validate import test_images
 
@@ -22,7 +24,7 @@ class TrainingImages:
     """onnxruntime CalibrationDataReader over a seeded random sample of TRAINING images (never test)."""
 
     def __init__(self, contract: dict, data_dir, count: int, batch: int = 100, seed: int = 0, download=True):
-        images, _ = data.load_split(data.resolve_data_dir(data_dir), "train", download)
+        images, _ = mnist.load_split("train", data_dir, download)
         pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
         scaled = manifest_lib.model_input(images.numpy()[np.sort(pick)], contract)
         self.name = contract["input"]["name"]
@@ -56,8 +58,8 @@ def quantize(model_dir, data_dir=None, calibration_images: int = 2000, download=
             per_channel=True, calibrate_method=CalibrationMethod.MinMax,
         )
         images, labels = test_images(manifest, data_dir, download)
-        int8_accuracy = accuracy(runtimes.load_onnx(quantized), images, labels)
-        fp32_accuracy = accuracy(runtimes.load_onnx(fp32), images, labels)
+        int8_accuracy = runner_accuracy(runtimes.load_onnx(quantized), images, labels)
+        fp32_accuracy = runner_accuracy(runtimes.load_onnx(fp32), images, labels)
         shutil.move(str(quantized), model_dir / INT8_FILE)  # same file system: an atomic rename
     manifest["artifacts"]["int8"] = INT8_FILE
     manifest["files"][INT8_FILE] = manifest_lib.describe_file(model_dir / INT8_FILE)
@@ -69,5 +71,5 @@ def quantize(model_dir, data_dir=None, calibration_images: int = 2000, download=
     return manifest["int8"]
 
 
-def accuracy(runner, images, labels, batch: int = 1000) -> float:
-    return float((runtimes.run_batched(runner, images, batch).argmax(1) == labels).mean())
+def runner_accuracy(runner, images, labels, batch: int = 1000) -> float:
+    return accuracy(runtimes.run_batched(runner, images, batch), labels)

@@ -3,9 +3,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data
+from ..data import mnist
 from ..errors import UserError
 from ..inference import runtimes
+from ..scores import accuracy
 from . import manifest as manifest_lib
 
 RTOL, ATOL = 1e-3, 1e-5
@@ -18,7 +19,7 @@ class ValidationFailed(UserError):
 
 def test_images(contract: dict, data_dir=None, download: bool = True) -> tuple:
     """The MNIST test set as the contract says: (float32 [N,1,28,28], int64 labels)."""
-    images, labels = data.load_split(data.resolve_data_dir(data_dir), "test", download)
+    images, labels = mnist.load_split("test", data_dir, download)
     return manifest_lib.model_input(images.numpy(), contract), labels.numpy()
 
 
@@ -55,9 +56,9 @@ def check_runner(name, runner, eager_logits: dict, images, labels) -> dict:
         diff, excess = logit_error(got, want)
         if excess > result["excess"]:
             result.update(max_abs_diff=diff, excess=excess, worst_batch=batch)
-    predictions = got.argmax(1)  # the last batch size covers every image
-    result["argmax_mismatches"] = int((predictions != want.argmax(1)).sum())
-    result["accuracy"] = float((predictions == labels).mean())
+    # The last batch size covers every image.
+    result["argmax_mismatches"] = int((got.argmax(1) != want.argmax(1)).sum())
+    result["accuracy"] = accuracy(got, labels)
     result["ok"] = result["excess"] <= 0 and result["argmax_mismatches"] == 0
     return result
 
@@ -67,7 +68,7 @@ def validate_artifacts(folder, eager, images, labels) -> list:
     folder = Path(folder)
     sizes = [min(b, len(images)) for b in BATCH_SIZES if b < len(images)] + [len(images)]
     eager_logits = {b: eager(images[:b]).astype(np.float64) for b in sizes}
-    eager_accuracy = float((eager_logits[len(images)].argmax(1) == labels).mean())
+    eager_accuracy = accuracy(eager_logits[len(images)], labels)
     results = [{"artifact": "pytorch", "max_abs_diff": 0.0, "excess": None, "worst_batch": None,
                 "argmax_mismatches": 0, "accuracy": eager_accuracy, "ok": True}]
     for name, filename in manifest_lib.ARTIFACTS.items():

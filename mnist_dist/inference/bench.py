@@ -13,7 +13,7 @@ import torch
 from .. import sysinfo
 from ..errors import UserError
 from ..exporting import manifest as manifest_lib
-from ..exporting.quantize import INT8_FILE, accuracy
+from ..exporting.quantize import INT8_FILE, runner_accuracy
 from ..exporting.validate import test_images
 from . import runtimes
 
@@ -21,7 +21,7 @@ BATCH_SIZES = (1, 64, 1024, 10_000)
 RUNTIMES = ("onnxruntime-fp32", "onnxruntime-int8", "pytorch-eager", "torchscript")
 
 
-def model_flops(model_config: dict) -> int:
+def model_flops(model_config: dict, image_size: tuple) -> int:
     """Multiply-adds x 2 of one forward pass, counted from the layers (about 20.8 MFLOP for this CNN)."""
     from ..model import build_model
 
@@ -38,7 +38,7 @@ def model_flops(model_config: dict) -> int:
     for layer in model.modules():
         layer.register_forward_hook(count)
     with torch.no_grad():
-        model(torch.zeros(1, model_config["in_channels"], 28, 28))
+        model(torch.zeros(1, model_config["in_channels"], *image_size))
     return sum(flops)
 
 
@@ -117,13 +117,13 @@ def run(model_dir, data_dir=None, batch_sizes=BATCH_SIZES, names=RUNTIMES, threa
     if limit:
         images, labels = images[:limit], labels[:limit]
     runners = load_runners(model_dir, manifest, names, threads, used)
-    flops = model_flops(manifest["model_config"])
+    flops = model_flops(manifest["model_config"], manifest_lib.image_size(manifest))
     sgemm = sgemm_gflops(threads)
     peak = sgemm["best"]
     expected = None if limit else manifest.get("pytorch_test_accuracy")
     results = []
     for name, runner in runners.items():
-        acc = accuracy(runner, images, labels)
+        acc = runner_accuracy(runner, images, labels)
         # fp32 runtimes must reproduce the checkpoint's PyTorch accuracy exactly; INT8 reports its drop instead.
         matches = None if expected is None or name.endswith("int8") else acc == expected
         for batch in batch_sizes:

@@ -14,14 +14,15 @@ from typing import Optional
 import numpy as np
 
 from .. import atomic
+from ..data import idx
 from ..errors import UserError
 from ..exporting import manifest as manifest_lib
 from ..launch import progress_bar
+from ..scores import softmax
 from . import runtimes
 from .images import BadImage, open_grayscale, to_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-IDX_IMAGE_MAGIC = 2051
 COLUMNS = ("input", "prediction", "confidence", "top3", "error")
 PROGRESS_FROM = 1000  # inputs; fewer finish too fast for a bar to help
 
@@ -54,15 +55,18 @@ def is_candidate(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES | {".npy", ".idx"} or path.name.endswith("-ubyte")
 
 
-def read_npy(path: Path) -> list:
+def read_npy(path: Path, size: tuple) -> list:
+    """Rows of a .npy array. An unreadable or truncated file costs its own error row; an array of the wrong
+    shape or type is a mistake in the command, not in one input, and stops the run."""
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable .npy file ({e})") from e
+    except (OSError, ValueError, EOFError) as e:
+        return [Item(str(path), error=f"not a readable .npy file ({' '.join(str(e).split())[:120]})")]
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (28, 28):
-        raise UserError(f"{path}: shape {array.shape}; expected (N,28,28) or (N,1,28,28)")
+    if array.ndim != 3 or array.shape[1:] != size:
+        expected = ",".join(map(str, size))
+        raise UserError(f"{path}: shape {array.shape}; expected (N,{expected}) or (N,1,{expected})")
     if array.dtype == np.uint8:
         pixels = array.astype(np.float32)
     elif np.issubdtype(array.dtype, np.floating):
@@ -75,35 +79,35 @@ def read_npy(path: Path) -> list:
     return [Item(f"{path}#{i}", p) for i, p in enumerate(pixels)]
 
 
-def read_idx(path: Path) -> list:
-    raw = path.read_bytes()
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != IDX_IMAGE_MAGIC:
-        return [Item(str(path), error="not an IDX image file (bad magic number)")]
-    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    if (rows, cols) != (28, 28) or len(raw) != 16 + n * rows * cols:
-        return [Item(str(path), error=f"IDX file of {n}x{rows}x{cols} is truncated or not 28x28")]
-    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 28, 28).astype(np.float32)
-    return [Item(f"{path}#{i}", p) for i, p in enumerate(pixels)]
-
-
-def read_image(path: Path, invert: str) -> Item:
+def read_idx(path: Path, size: tuple) -> list:
     try:
-        return Item(str(path), to_mnist(open_grayscale(path), invert))
+        pixels = idx.open_file(path)
+    except (idx.IdxError, OSError) as e:
+        return [Item(str(path), error=str(e))]
+    if pixels.ndim != 3 or pixels.shape[1:] != size:
+        return [Item(str(path), error=f"IDX images of shape {pixels.shape[1:]}, not {size}")]
+    return [Item(f"{path}#{i}", p.astype(np.float32)) for i, p in enumerate(pixels)]
+
+
+def read_image(path: Path, invert: str, size: tuple, box: int) -> Item:
+    try:
+        return Item(str(path), to_mnist(open_grayscale(path), invert, size, box))
     except BadImage as e:
         return Item(str(path), error=str(e))
 
 
-def read_inputs(files: list, invert: str) -> list:
+def read_inputs(files: list, invert: str, contract: dict) -> list:
+    size, box = manifest_lib.image_size(contract), manifest_lib.digit_box(contract)
     items = []
     for path in files:
         if not path.is_file():
             items.append(Item(str(path), error="no such file"))
         elif path.suffix.lower() == ".npy":
-            items += read_npy(path)
+            items += read_npy(path, size)
         elif path.suffix.lower() == ".idx" or path.name.endswith("-ubyte"):
-            items += read_idx(path)
+            items += read_idx(path, size)
         else:
-            items.append(read_image(path, invert))
+            items.append(read_image(path, invert, size, box))
     return items
 
 
@@ -142,15 +146,10 @@ def check_onnx_input(path: Path, session, manifest: dict) -> None:
         raise UserError(f"{path}: input shape {inp.shape}; expected [batch, {', '.join(map(str, expected))}]")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
-
-
 def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, show_progress=True) -> tuple:
     """Returns (rows in input order, summary)."""
     runner, manifest = load_model(model_path)
-    items = read_inputs(expand(inputs), invert)
+    items = read_inputs(expand(inputs), invert, manifest)
     good = [i for i, item in enumerate(items) if not item.error]
     probabilities = np.zeros((len(items), len(manifest["classes"])))
     bar = progress_bar(len(good), "predict", show_progress and len(good) >= PROGRESS_FROM)
@@ -158,7 +157,7 @@ def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, sho
     for start in range(0, len(good), batch_size):
         chunk = good[start : start + batch_size]
         batch = manifest_lib.model_input(np.stack([items[i].pixels for i in chunk]), manifest)
-        probabilities[chunk] = softmax(runner(batch).astype(np.float64))
+        probabilities[chunk] = softmax(runner(batch))
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - started

@@ -4,7 +4,6 @@ Figures are drawn with the Agg backend (no display needed) at a fixed size
 and DPI, so each PNG has a known pixel size; each is written atomically.
 """
 import math
-from itertools import groupby
 
 import matplotlib
 
@@ -16,7 +15,7 @@ from .. import atomic  # noqa: E402
 
 DPI = 100
 GRID_SIZE_IN = (6, 6)
-CURVES_SIZE_IN = (12, 4.5)
+CURVES_SIZE_IN = (15, 4.5)
 CONFUSION_SIZE_IN = (8, 8)
 MISTAKES_COLUMNS = 10
 MISTAKE_CELL_IN = (1.2, 1.45)
@@ -40,23 +39,45 @@ def sample_grid(images, labels, path, indices) -> None:
     save(fig, path)
 
 
-def training_curves(rows: list, path) -> None:
-    """Train loss and test accuracy per epoch; one line per run (a resumed run is a new line)."""
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE_IN)
-    for run, run_rows in groupby(sorted(rows, key=lambda r: (r.get("run", 1), r["epoch"])),
-                                 key=lambda r: r.get("run", 1)):
-        run_rows = list(run_rows)
-        epochs = [r["epoch"] for r in run_rows]
-        loss_ax.plot(epochs, [r["train_loss"] for r in run_rows], marker="o", label=f"run {run}")
-        acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in run_rows], marker="o", label=f"run {run}")
-    loss_ax.set(title="Train loss", xlabel="epoch", ylabel="cross-entropy")
-    acc_ax.set(title="Test accuracy (10,000 images)", xlabel="epoch", ylabel="%")
-    for ax in (loss_ax, acc_ax):
+def training_curves(epochs: list, steps: list, path) -> dict:
+    """Three panels: the train loss every few steps (log scale) with the per-epoch test loss, the learning
+    rate, both against fractional epochs, and the test accuracy per epoch on an axis ending at 100%.
+    A dashed line marks where a resumed run took over. Returns what was drawn."""
+    fig, (loss_ax, lr_ax, acc_ax) = plt.subplots(1, 3, figsize=CURVES_SIZE_IN)
+    if steps:
+        loss_ax.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], lw=1, label="train (every few steps)")
+        lr_ax.plot([s["epoch"] for s in steps], [s["lr"] for s in steps], color="tab:purple")
+    else:  # runs recorded before per-step rows existed
+        loss_ax.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], marker="o", label="train")
+    loss_ax.plot([r["epoch"] for r in epochs], [r["test_loss"] for r in epochs], "o", color="tab:red",
+                 label="test (end of epoch)")
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log")
+    loss_ax.legend()
+    lr_ax.set(title="Learning rate", xlabel="epoch", ylabel="Adam learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    accuracy_panel(acc_ax, epochs)
+    resumed_at = [row["epoch"] - 1 for before, row in zip(epochs, epochs[1:]) if row.get("run") != before.get("run")]
+    for ax in (loss_ax, lr_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        for x in resumed_at:
+            ax.axvline(x, color="gray", ls="--", lw=1)
     fig.tight_layout()
     save(fig, path)
+    return {"step_points": len(steps), "epoch_points": len(epochs), "resumed_at": resumed_at,
+            "accuracy_axis": acc_ax.get_ylim()}
+
+
+def accuracy_panel(ax, epochs: list) -> None:
+    """Test accuracy per epoch, each point labelled; the axis ends at 100% and starts just below the lowest point."""
+    x = [r["epoch"] for r in epochs]
+    y = [100 * r["test_accuracy"] for r in epochs]
+    ax.plot(x, y, marker="o", color="tab:green")
+    for xi, yi in zip(x, y) if len(x) <= 12 else ():
+        ax.annotate(f"{yi:.2f}%", (xi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    low = math.floor(min(y) - 0.5) if y else 0
+    ax.set(title="Test accuracy (10,000 images)", xlabel="epoch", ylabel="%", ylim=(max(0, low), 100),
+           xlim=(0, max(x, default=1) + 0.5))
+    ax.xaxis.get_major_locator().set_params(integer=True)
 
 
 def confusion(cm: np.ndarray, path, classes) -> None:

@@ -4,10 +4,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic, data
+from .. import atomic
+from ..data import mnist
 from ..errors import UserError
 from ..exporting import manifest as manifest_lib
 from ..inference import runtimes
+from ..scores import softmax
 from . import plots
 
 CURVES = "curves.png"
@@ -18,18 +20,19 @@ BENCH_JSON = "bench.json"
 
 
 def run_curves(run_dir) -> Path:
-    """(Re)draw curves.png in a training run's folder from its metrics.jsonl."""
+    """(Re)draw curves.png in a training run's folder from its metrics.jsonl and steps.jsonl."""
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics, steps = run_dir / "metrics.jsonl", run_dir / "steps.jsonl"
     if not metrics.is_file():
         raise UserError(f"{run_dir} holds no metrics.jsonl: is it a training --output-dir?")
     try:
         rows = atomic.read_jsonl(metrics)
+        step_rows = atomic.read_jsonl(steps) if steps.is_file() else []
     except json.JSONDecodeError as e:
-        raise UserError(f"{metrics} is corrupt ({e})") from e
+        raise UserError(f"{run_dir}: a metrics file is corrupt ({e})") from e
     if not rows:
         raise UserError(f"{metrics} has no finished epoch yet")
-    plots.training_curves(rows, run_dir / CURVES)
+    plots.training_curves(rows, step_rows, run_dir / CURVES)
     return run_dir / CURVES
 
 
@@ -47,12 +50,9 @@ def per_class(cm: np.ndarray) -> list:
 
 def predict_test_set(model_dir, manifest: dict, data_dir=None, download=True) -> tuple:
     """(uint8 images, labels, predictions, confidences) of the folder's ONNX model on the test set."""
-    images, labels = data.load_split(data.resolve_data_dir(data_dir), "test", download)
+    images, labels = mnist.load_split("test", data_dir, download)
     runner = runtimes.load_runner(Path(model_dir) / manifest["artifacts"]["onnx"])
-    logits = runtimes.run_batched(runner, manifest_lib.model_input(images.numpy(), manifest), 1000)
-    logits = logits.astype(np.float64)
-    probabilities = np.exp(logits - logits.max(1, keepdims=True))
-    probabilities /= probabilities.sum(1, keepdims=True)
+    probabilities = softmax(runtimes.run_batched(runner, manifest_lib.model_input(images.numpy(), manifest), 1000))
     return images.numpy(), labels.numpy(), probabilities.argmax(1), probabilities.max(1)
 
 

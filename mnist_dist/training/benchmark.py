@@ -1,10 +1,10 @@
 """Training benchmark: the tutorial's own pipeline against the project's, in one invocation.
 
-The tutorial baseline is reproduced as written (per-image ToTensor through a
-DataLoader, batch 64, Adam 1e-3, fp32, test accuracy after each epoch). The
-project's pipeline runs as users run it, through ``jobs/train.py`` (under
-``accelerate launch`` for several processes), and is read back from its
-metrics.jsonl. Figures are medians after warm-up.
+The tutorial baseline is reproduced as written (torchvision's MNIST with a
+per-image ToTensor through a DataLoader, batch 64, Adam 1e-3, fp32, test
+accuracy after each epoch). The project's pipeline runs as the README runs it,
+``accelerate launch jobs/train.py`` (or plain ``python``, for comparison), and
+is read back from its metrics.jsonl. Figures are medians after warm-up.
 """
 import json
 import statistics
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,15 +20,27 @@ import torch.nn.functional as F
 
 from .. import sysinfo
 from ..atomic import read_jsonl
+from ..data import mnist
 from ..model import CNN
 
 TARGETS = (0.990, 0.992)
-JOBS = Path(__file__).resolve().parents[2] / "jobs"
+LAUNCHERS = ("accelerate", "python")
 
 
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+@contextmanager
+def tutorial_root(data_dir):
+    """A torchvision root for the tutorial's own loader: ``data_dir`` itself, or the bundled MNIST written to a
+    temporary folder (torchvision's MNIST class reads files; the baseline must use it, as the tutorial does)."""
+    if data_dir:
+        yield data_dir
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield mnist.write_raw_files(tmp)
 
 
 def tutorial_loaders(root, batch_size=64):
@@ -97,18 +110,25 @@ def summarise(name: str, images_per_s: float, history: list, settings: dict, ext
     return result
 
 
-def run_pipeline(name: str, train_args: list, processes: int, env_extra=None) -> dict:
-    """Run jobs/train.py as a user would and read its metrics back."""
+def launch_command(train_script, processes: int, launcher: str) -> list:
+    """How a user starts the job: ``accelerate launch`` with its defaults, or plain python for one process."""
+    if launcher == "python":
+        if processes != 1:
+            raise ValueError("plain python starts one process; use the accelerate launcher for more")
+        return [sys.executable, str(train_script)]
+    several = ["--multi_gpu"] if processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *several, "--num_processes", str(processes),
+            "--num_machines", "1", "--dynamo_backend", "no", str(train_script)]
+
+
+def run_pipeline(name: str, train_script, train_args: list, processes: int, launcher: str, env_extra=None) -> dict:
+    """Run the training job as a user would and read its metrics back."""
     import os
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        job = [str(JOBS / "train.py"), "--output-dir", str(out), "--log-every", "100000", *map(str, train_args)]
-        if processes > 1:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *job]
-        else:
-            cmd = [sys.executable, *job]
+        cmd = [*launch_command(train_script, processes, launcher), "--output-dir", str(out), "--log-every", "100000",
+               *map(str, train_args)]
         env = dict(os.environ, **(env_extra or {}))
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -121,24 +141,31 @@ def run_pipeline(name: str, train_args: list, processes: int, env_extra=None) ->
     history = [{k: row[k] for k in ("epoch", "test_accuracy", "wall_s", "images_per_s")} for row in rows]
     settings = {k: config[k] for k in ("preset", "batch_size", "lr", "schedule", "mixed_precision", "channels_last",
                                        "label_smoothing", "augment", "epochs")}
-    settings.update(processes=final["processes"], global_batch=final["global_batch"], device=config["device"])
+    settings.update(processes=final["processes"], global_batch=final["global_batch"], device=config["device"],
+                    threads=config.get("threads"), launcher=launcher)
     extra = {"startup_s": final["startup_s"], "data_load_s": final["data_load_s"], "process_s": process_s}
     return summarise(name, statistics.median(row["images_per_s"] for row in rows), history, settings, extra)
 
 
-def benchmark(root, quick: bool, presets: list, processes: list, tutorial_epochs: int, extra_args: list) -> dict:
+def benchmark(train_script, data_dir, quick: bool, presets: list, processes: list, tutorial_epochs: int,
+              extra_args: list, launchers=("accelerate",)) -> dict:
+    """The tutorial, then each preset x process count x launcher, all in this one invocation."""
+    from .config import PRESETS
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     limit = ["--limit-batches", 30, "--epochs", 1] if quick else []
-    results = [run_tutorial(root, device, batches=30 if quick else 300, epochs=0 if quick else tutorial_epochs)]
+    with tutorial_root(data_dir) as root:
+        results = [run_tutorial(root, device, batches=30 if quick else 300, epochs=0 if quick else tutorial_epochs)]
+    data_args = ["--data-dir", data_dir] if data_dir else []
     for preset in presets:
         for n in processes:
-            args = ["--preset", preset, "--data-dir", root, *limit, *extra_args]
+            args = ["--preset", preset, *data_args, *limit, *extra_args]
             if n > 1:  # the same global batch, split across processes
-                from .config import PRESETS
-
                 args += ["--batch-size", PRESETS[preset]["batch_size"] // n]
             env = {"ACCELERATE_USE_CPU": "1"} if n > 1 and device == "cpu" else {}
-            results.append(run_pipeline(f"{preset} ({n} process{'es' if n > 1 else ''})", args, n, env))
+            for launcher in launchers if n == 1 else ["accelerate"]:
+                name = f"{preset} ({n} process{'es' if n > 1 else ''}{', python' if launcher == 'python' else ''})"
+                results.append(run_pipeline(name, train_script, args, n, launcher, env))
     baseline = results[0]["images_per_s"]
     for r in results:
         r["speedup_images_per_s"] = r["images_per_s"] / baseline

@@ -35,33 +35,40 @@ class TrainConfig:
     channels_last: Optional[bool] = None
     label_smoothing: Optional[float] = None
     augment: Optional[bool] = None
-    seed: int = 0
+    seed: Optional[int] = None  # None: the resumed run's seed, else 0
     eval_batch_size: int = 1000
     resume: Optional[str] = None
-    limit_batches: Optional[int] = None
+    limit_batches: Optional[int] = None  # None: the resumed run's limit, else none
     log_every: int = 200
+    metrics_every: int = 20
+    threads: Optional[int] = None
+    report_to: str = "none"
     overwrite: bool = False
     download: bool = True
     cpu: bool = False
 
     def fill_recipe(self, recorded: Optional[dict] = None) -> "TrainConfig":
-        """Fill each recipe knob left unset: from the run being resumed if any, else from the preset."""
+        """Fill each knob left unset: from the run being resumed if any, else from the preset (or the default).
+
+        The seed and --limit-batches decide which images each step sees, so a resumed run keeps them too.
+        """
         recorded = recorded or {}
         if self.preset is None:
             self.preset = recorded.get("preset", DEFAULT_PRESET)
         if self.preset not in PRESETS:
             raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        for name, value in PRESETS[self.preset].items():
+        for name, value in {**PRESETS[self.preset], "seed": 0, "limit_batches": None}.items():
             if getattr(self, name) is None:
                 setattr(self, name, recorded.get(name, value))
         return self
 
     def validate(self) -> "TrainConfig":
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "metrics_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.limit_batches is not None and self.limit_batches <= 0:
-            raise UserError(f"--limit-batches must be a positive integer, got {self.limit_batches}")
+        for name in ("limit_batches", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:

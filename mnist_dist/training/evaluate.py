@@ -2,9 +2,9 @@
 import torch
 import torch.nn.functional as F
 
-from .. import data
+from ..data import batches, mnist
 from ..errors import UserError
-from ..launch import make_accelerator
+from ..launch import apply_threads, make_accelerator
 from . import checkpoint
 
 
@@ -36,18 +36,20 @@ def evaluate(model, loader, gather=None) -> dict:
     }
 
 
-def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, download: bool = True, cpu: bool = False) -> dict:
+def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, download: bool = True, cpu: bool = False,
+                        threads=None) -> dict:
     """Test metrics of a checkpoint (or a run dir's latest), across however many processes were launched."""
     if batch_size <= 0:
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+    apply_threads(threads)
     accelerator = make_accelerator(cpu=cpu)
     try:
         model, _ = checkpoint.load_model(checkpoint.resolve_checkpoint(path))
-        with accelerator.main_process_first():
-            test_set = data.TensorBatches(*data.load_split(data.resolve_data_dir(data_dir), "test", download))
+        with accelerator.local_main_process_first():
+            test_set = batches.TensorBatches(*mnist.load_split("test", data_dir, download))
         if accelerator.device.type != "cpu":
             test_set = test_set.to(accelerator.device)
-        model, loader = accelerator.prepare(model, data.make_loader(test_set, batch_size, shuffle=False))
+        model, loader = accelerator.prepare(model, batches.make_loader(test_set, batch_size, shuffle=False))
         metrics = evaluate(model, loader, accelerator.gather_for_metrics)
         metrics["processes"] = accelerator.num_processes
         accelerator.print(

@@ -5,17 +5,18 @@ machines) or plain ``python jobs/train.py``. Checkpoints are epoch-granular:
 ``--resume latest`` continues after the last finished epoch.
 """
 import copy
-import tempfile
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import atomic, data
+from .. import atomic, launch
+from ..data import batches, mnist
 from ..errors import UserError
-from ..launch import make_accelerator, progress_bar, resolve_mixed_precision
 from ..model import CNN, count_parameters
 from ..reports import plots, report
 from . import checkpoint
@@ -25,16 +26,31 @@ from .evaluate import evaluate
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
+STEPS_JSONL = "steps.jsonl"
 CONFIG_JSON = "config.json"
+TRACKER_PROJECT = "mnist-dist"
+TRAIN_IMAGES = mnist.SPLITS["train"][2]
 
 
-def load_data(cfg: TrainConfig, device) -> tuple:
-    root = data.resolve_data_dir(cfg.data_dir)
-    train_set = data.TensorBatches(*data.load_split(root, "train", cfg.download))
-    test_set = data.TensorBatches(*data.load_split(root, "test", cfg.download))
-    if device.type != "cpu":  # keep the whole dataset resident: no host-to-device copy per batch
-        train_set, test_set = train_set.to(device), test_set.to(device)
-    return train_set, test_set
+@dataclass
+class Setup:
+    """What the launcher and this machine decided, beside the recipe: printed, and kept in config.json."""
+
+    threads: int
+    threads_chosen_by: str
+    mixed_precision_chosen_by: str
+    data_source: mnist.Source
+    trackers: list
+
+
+@dataclass
+class History:
+    """Everything a resumed run carries on from its checkpoint."""
+
+    epochs: list = field(default_factory=list)  # one row per finished epoch (metrics.jsonl)
+    steps: list = field(default_factory=list)  # one row per --metrics-every steps (steps.jsonl)
+    wall_s: float = 0.0  # training seconds so far, evaluation excluded
+    last_epoch: int = 0
 
 
 def load_resume_state(cfg: TrainConfig):
@@ -56,51 +72,93 @@ def check_resumable(cfg: TrainConfig, state: dict) -> None:
                         f"resume it with --epochs {planned['epochs']}")
 
 
+def steps_per_epoch(batch_size: int, processes: int, limit_batches=None) -> int:
+    full = math.ceil(TRAIN_IMAGES / (batch_size * processes))
+    return min(full, limit_batches or full)
+
+
+def check_same_steps(cfg: TrainConfig, state: dict, processes: int) -> None:
+    """A one-cycle schedule is planned in optimizer steps: a resumed run must take as many per epoch."""
+    if cfg.schedule != "onecycle":
+        return
+    planned = state["train_config"]
+    before = state.get("steps_per_epoch") or steps_per_epoch(planned["batch_size"], state["processes"],
+                                                             planned.get("limit_batches"))
+    now = steps_per_epoch(cfg.batch_size, processes, cfg.limit_batches)
+    if before != now:
+        raise UserError(
+            f"{state['path']} was trained with {before} steps per epoch ({planned['batch_size']} per process x "
+            f"{state['processes']} processes) and this launch would take {now} ({cfg.batch_size} x {processes}): "
+            f"its onecycle schedule cannot continue. Resume with a global batch of "
+            f"{planned['batch_size'] * state['processes']}")
+
+
 def check_output_dir(cfg: TrainConfig, resuming: bool) -> Path:
     """Refuse to clobber an earlier run, and prove the folder is writable, before writing anything."""
     out = Path(cfg.output_dir)
     holds_run = bool(checkpoint.list_checkpoints(out)) or (out / METRICS_JSONL).exists()
     if holds_run and not (resuming or cfg.overwrite):
         raise UserError(f"{out} already holds a training run; pass --resume latest to continue it or --overwrite")
-    # Probe the deepest folder that exists, so a failed run leaves no empty output dir behind.
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e})") from e
+    atomic.check_folder_writable(out, "--output-dir")
     return out
 
 
-def describe_setup(accelerator, cfg, model, train_set, test_set) -> None:
+def prepare(cfg: TrainConfig, resume_state) -> Setup:
+    """Settle the recipe and what the launcher asked for; every check here runs before any work."""
+    job_precision = cfg.mixed_precision
+    # Options not given on the command line continue the resumed run's recipe.
+    cfg.fill_recipe(resume_state["train_config"] if resume_state else None).validate()
+    if resume_state is not None:
+        check_resumable(cfg, resume_state)
+    cfg.mixed_precision, precision_by = launch.choose_mixed_precision(job_precision, cfg.mixed_precision, cfg.cpu)
+    trackers = launch.check_trackers(cfg.report_to)
+    threads, threads_by = launch.apply_threads(cfg.threads)
+    return Setup(threads, threads_by, precision_by, mnist.find_source(cfg.data_dir), trackers)
+
+
+def load_data(cfg: TrainConfig, source: mnist.Source, device) -> tuple:
+    train_set = batches.TensorBatches(*mnist.load_split("train", download=cfg.download, source=source))
+    test_set = batches.TensorBatches(*mnist.load_split("test", download=cfg.download, source=source))
+    if device.type != "cpu":  # keep the whole dataset resident: no host-to-device copy per batch
+        train_set, test_set = train_set.to(device), test_set.to(device)
+    return train_set, test_set
+
+
+def describe_setup(accelerator, cfg, setup: Setup, model, train_set, test_set) -> None:
     say = accelerator.print
     say(f"Training images: {len(train_set)}, test images: {len(test_set)}")
+    say(f"Data: {setup.data_source.describe()}")
     say(f"Using {accelerator.device.type} device, {accelerator.num_processes} process(es), "
-        f"mixed precision {accelerator.mixed_precision}")
+        f"mixed precision {accelerator.mixed_precision} ({setup.mixed_precision_chosen_by}), "
+        f"{setup.threads} thread(s) per process ({setup.threads_chosen_by})")
     say(f"Global batch: {cfg.batch_size} per process x {accelerator.num_processes} = "
         f"{cfg.batch_size * accelerator.num_processes}")
     say(f"Recipe ({cfg.preset}): {cfg.epochs} epochs, Adam lr {cfg.lr:g} {cfg.schedule}, label smoothing "
         f"{cfg.label_smoothing:g}, augmentation {'on' if cfg.augment else 'off'}, "
-        f"channels_last {'on' if cfg.channels_last else 'off'}")
+        f"channels_last {'on' if cfg.channels_last else 'off'}, seed {cfg.seed}")
+    if setup.trackers:
+        say(f"Tracking: {', '.join(setup.trackers)} in {cfg.output_dir}")
     say(model)
     say(f"Parameters: {count_parameters(model):,}")
 
 
-def make_scheduler(cfg, optimizer, steps_per_epoch: int):
+def make_scheduler(cfg, optimizer, steps: int):
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch) -> tuple:
-    """One pass over this process's shard; returns (mean train loss over all processes, images trained)."""
+    """One pass over this process's shard.
+
+    Returns (mean train loss over all processes, images trained, step rows). Each step's loss stays
+    on the device until the epoch ends, so recording it costs no synchronisation per step.
+    """
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
     total = min(len(loader), cfg.limit_batches or len(loader))
-    bar = progress_bar(total, f"epoch {epoch}", accelerator.is_main_process)
+    losses = torch.zeros(total, device=accelerator.device)
+    rates = []
+    bar = launch.progress_bar(total, f"epoch {epoch}", accelerator.is_main_process)
     augmentation = augmentation_generator(cfg, accelerator, epoch)
     for batch_num, (images, labels) in enumerate(loader, start=1):
         if batch_num > total:  # --limit-batches
@@ -112,17 +170,28 @@ def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch
         loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        rates.append(scheduler.get_last_lr()[0])  # the rate this step uses
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * len(labels)
-        seen += len(labels)
+        losses[batch_num - 1] = loss.detach()
         bar.update()
         if batch_num % cfg.log_every == 0 and accelerator.is_main_process:
             # As the tutorial: the current batch's loss every log_every batches.
             tqdm.write(f"loss: {loss.item():>7f} [batch {batch_num:>4d}/{total}]")
     bar.close()
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
-    return (loss_sum / seen).item(), int(seen.item())
+    losses = accelerator.reduce(losses, reduction="mean").cpu()  # every process ran `total` equal batches
+    images = total * cfg.batch_size * accelerator.num_processes
+    return losses.mean().item(), images, step_rows(losses, rates, epoch, total, cfg.metrics_every)
+
+
+def step_rows(losses: torch.Tensor, rates: list, epoch: int, steps: int, every: int) -> list:
+    """One row per ``every`` steps: the global step, the fractional epoch, the mean loss, the learning rate."""
+    rows = []
+    for start in range(0, steps, every):
+        end = min(start + every, steps)
+        rows.append({"step": (epoch - 1) * steps + end, "epoch": epoch - 1 + end / steps,
+                     "loss": losses[start:end].mean().item(), "lr": rates[end - 1]})
+    return rows
 
 
 def augmentation_generator(cfg, accelerator, epoch: int):
@@ -165,91 +234,99 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def save_epoch(out, accelerator, model, optimizer, scheduler, cfg, epoch, wall_s, history) -> None:
+def save_epoch(out, accelerator, model, optimizer, scheduler, cfg, history: History, steps: int) -> None:
     state = {
         "model": accelerator.unwrap_model(model).state_dict(),
         "model_config": accelerator.unwrap_model(model).config,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "wall_s": wall_s,
+        "epoch": history.last_epoch,
+        "wall_s": history.wall_s,
         "rng": checkpoint.rng_state(),
-        "metrics": history,
+        "metrics": history.epochs,
+        "steps": history.steps,
+        "steps_per_epoch": steps,
         "train_config": cfg.to_dict(),
         "processes": accelerator.num_processes,
     }
-    checkpoint.save(checkpoint.checkpoint_path(out, epoch), state)
+    checkpoint.save(checkpoint.checkpoint_path(out, history.last_epoch), state)
     # The checkpoint lands first: metrics never mention an epoch that cannot be resumed.
-    atomic.write_jsonl(out / METRICS_JSONL, history)
+    atomic.write_jsonl(out / STEPS_JSONL, history.steps)
+    atomic.write_jsonl(out / METRICS_JSONL, history.epochs)
 
 
-def restore(state, model, optimizer, scheduler) -> None:
+def restore(state, model, optimizer, scheduler) -> History:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
+    return History(state["metrics"], state.get("steps", []), state["wall_s"], state["epoch"])
 
 
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and checkpoint every epoch; return the final metrics."""
     started = time.perf_counter()
     resume_state = load_resume_state(cfg)
-    # Options not given on the command line continue the resumed run's recipe.
-    cfg.fill_recipe(resume_state["train_config"] if resume_state else None).validate()
-    if resume_state is not None:
-        check_resumable(cfg, resume_state)
-    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.cpu)
+    setup = prepare(cfg, resume_state)
+    out = check_output_dir(cfg, resuming=resume_state is not None)
+    accelerator = launch.make_accelerator(cfg.mixed_precision, cfg.cpu, setup.trackers, project_dir=out)
     try:
-        return _run(cfg, accelerator, resume_state, started)
+        return _run(cfg, setup, accelerator, resume_state, out, started)
     finally:
-        accelerator.end_training()  # tears the process group down cleanly; gloo aborts at exit otherwise
+        accelerator.end_training()  # closes the trackers and tears the process group down; gloo aborts otherwise
 
 
-def _run(cfg, accelerator, resume_state, started: float) -> dict:
+def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float) -> dict:
     from accelerate.utils import set_seed
 
+    if resume_state is not None:
+        check_same_steps(cfg, resume_state, accelerator.num_processes)
     set_seed(cfg.seed)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    out = check_output_dir(cfg, resuming=resume_state is not None)
     data_started = time.perf_counter()
-    with accelerator.main_process_first():  # one download at a time, if one is needed
-        train_set, test_set = load_data(cfg, accelerator.device)
+    with accelerator.local_main_process_first():  # one download per machine, if one is needed
+        train_set, test_set = load_data(cfg, setup.data_source, accelerator.device)
     timings = {"data_load_s": time.perf_counter() - data_started}
     accelerator.wait_for_everyone()  # every process has passed every check before the first write
 
     model, optimizer, train_loader, test_loader, scheduler = build(cfg, accelerator, train_set, test_set)
-    describe_setup(accelerator, cfg, accelerator.unwrap_model(model), train_set, test_set)
-    start_epoch, wall_s, history = 0, 0.0, []
+    describe_setup(accelerator, cfg, setup, accelerator.unwrap_model(model), train_set, test_set)
+    history = History()
     if resume_state is not None:
-        restore(resume_state, accelerator.unwrap_model(model), optimizer, scheduler)
-        start_epoch, wall_s, history = resume_state["epoch"], resume_state["wall_s"], resume_state["metrics"]
-        accelerator.print(f"Resuming from {resume_state['path']} after epoch {start_epoch}")
+        history = restore(resume_state, accelerator.unwrap_model(model), optimizer, scheduler)
+        accelerator.print(f"Resuming from {resume_state['path']} after epoch {history.last_epoch}")
+    record = run_record(cfg, setup, accelerator)
     if accelerator.is_main_process:
-        start_output_dir(out, cfg, accelerator, fresh=resume_state is None)
-    run_number = 1 + max((row.get("run", 1) for row in history), default=0)
+        start_output_dir(out, record, fresh=resume_state is None)
+    if setup.trackers:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(record))
+    run_number = 1 + max((row.get("run", 1) for row in history.epochs), default=0)
     warm_up(accelerator, cfg, model, train_set, test_set)
     timings["startup_s"] = time.perf_counter() - started  # everything before the first epoch, data included
 
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
+    for epoch in range(history.last_epoch + 1, cfg.epochs + 1):
         accelerator.print(f"Epoch {epoch}\n--------------------")
         train_loader.set_epoch(epoch)
         synchronize(accelerator.device)
         t0 = time.perf_counter()
-        train_loss, images = train_one_epoch(accelerator, cfg, model, optimizer, scheduler, train_loader, epoch)
+        train_loss, images, rows = train_one_epoch(accelerator, cfg, model, optimizer, scheduler, train_loader, epoch)
         synchronize(accelerator.device)
         epoch_s = time.perf_counter() - t0
-        wall_s += epoch_s
+        history.wall_s += epoch_s
+        history.last_epoch = epoch
+        history.steps += rows
         metrics = evaluate(model, test_loader, accelerator.gather_for_metrics)
-        history.append({"epoch": epoch, "run": run_number, "train_loss": train_loss, **metrics,
-                        "train_images": images, "images_per_s": images / epoch_s, "epoch_s": epoch_s,
-                        "wall_s": wall_s})
-        print_epoch(accelerator, history[-1])
+        history.epochs.append({"epoch": epoch, "run": run_number, "train_loss": train_loss, **metrics,
+                               "train_images": images, "images_per_s": images / epoch_s, "epoch_s": epoch_s,
+                               "wall_s": history.wall_s})
+        print_epoch(accelerator, history.epochs[-1])
+        log_to_trackers(accelerator, rows, history.epochs[-1], epoch * steps)
         if accelerator.is_main_process:
-            save_epoch(out, accelerator, model, optimizer, scheduler, cfg, epoch, wall_s, history)
+            save_epoch(out, accelerator, model, optimizer, scheduler, cfg, history, steps)
         accelerator.wait_for_everyone()
-    return finish(out, cfg, accelerator, history, timings)
+    return finish(out, accelerator, cfg, history, timings)
 
 
 def build(cfg, accelerator, train_set, test_set) -> tuple:
@@ -258,30 +335,39 @@ def build(cfg, accelerator, train_set, test_set) -> tuple:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    train_loader = data.ShardedBatches(train_set, cfg.batch_size, accelerator.num_processes,
-                                       accelerator.process_index, cfg.seed)
+    train_loader = batches.ShardedBatches(train_set, cfg.batch_size, accelerator.num_processes,
+                                          accelerator.process_index, cfg.seed)
     # Evaluation keeps Accelerate's loader: gather_for_metrics needs it to drop the last batch's padding.
-    test_loader = data.make_loader(test_set, cfg.eval_batch_size, shuffle=False)
+    test_loader = batches.make_loader(test_set, cfg.eval_batch_size, shuffle=False)
     model, optimizer, test_loader = accelerator.prepare(model, optimizer, test_loader)
     # Stepped by hand once per optimizer step: Accelerate's wrapper would step it once per process.
-    steps_per_epoch = min(len(train_loader), cfg.limit_batches or len(train_loader))
-    return model, optimizer, train_loader, test_loader, make_scheduler(cfg, optimizer, steps_per_epoch)
+    steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
+    return model, optimizer, train_loader, test_loader, make_scheduler(cfg, optimizer, steps)
 
 
-def start_output_dir(out: Path, cfg, accelerator, fresh: bool) -> None:
+def log_to_trackers(accelerator, step_rows_: list, epoch_row: dict, step: int) -> None:
+    """Scalars for TensorBoard, MLflow or W&B (a no-op without --report-to); only the main process writes."""
+    for row in step_rows_:
+        accelerator.log({"train/loss": row["loss"], "train/lr": row["lr"]}, step=row["step"])
+    accelerator.log({"test/accuracy": epoch_row["test_accuracy"], "test/loss": epoch_row["test_loss"],
+                     "train/epoch_loss": epoch_row["train_loss"], "train/images_per_s": epoch_row["images_per_s"]},
+                    step=step)
+
+
+def start_output_dir(out: Path, record: dict, fresh: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if fresh:  # --overwrite: old checkpoints must not pass for this run's
         for old in checkpoint.list_checkpoints(out):
             old.unlink()
-    atomic.write_json(out / CONFIG_JSON, run_record(cfg, accelerator))
+    atomic.write_json(out / CONFIG_JSON, record)
 
 
-def finish(out: Path, cfg, accelerator, history: list, timings: dict) -> dict:
-    final = {**history[-1], "processes": accelerator.num_processes,
+def finish(out: Path, accelerator, cfg, history: History, timings: dict) -> dict:
+    final = {**history.epochs[-1], "processes": accelerator.num_processes,
              "global_batch": cfg.batch_size * accelerator.num_processes, **timings}
     if accelerator.is_main_process:
         atomic.write_json(out / METRICS_JSON, final)
-        plots.training_curves(history, out / report.CURVES)
+        plots.training_curves(history.epochs, history.steps, out / report.CURVES)
     accelerator.print("Done!")
     return final
 
@@ -294,15 +380,30 @@ def print_epoch(accelerator, row) -> None:
     )
 
 
-def run_record(cfg, accelerator) -> dict:
-    """The resolved config, with what the launcher decided."""
+def run_record(cfg, setup: Setup, accelerator) -> dict:
+    """The resolved config, with what the launcher and this machine decided."""
     import accelerate
 
     return {
         **cfg.to_dict(),
-        "data_dir": str(data.resolve_data_dir(cfg.data_dir)),
+        "data_source": setup.data_source.record(),
+        "threads": setup.threads,
+        "threads_chosen_by": setup.threads_chosen_by,
+        "mixed_precision_chosen_by": setup.mixed_precision_chosen_by,
+        "trackers": setup.trackers,
         "processes": accelerator.num_processes,
         "global_batch": cfg.batch_size * accelerator.num_processes,
         "device": accelerator.device.type,
         "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__},
     }
+
+
+def tracker_config(record: dict) -> dict:
+    """The run record flattened to the scalars every tracker accepts (TensorBoard's hparams take no None)."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
