@@ -79,6 +79,11 @@ def recipe_help(name: str, text: str) -> str:
 @click.option("--label-smoothing", type=float, default=None, help=recipe_help("label_smoothing", "Label smoothing."))
 @click.option("--augment/--no-augment", default=None,
               help=recipe_help("augment", "Random small rotation, scale and shift of training images."))
+@click.option("--warmup", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help=recipe_help("warmup", "onecycle: the share of steps spent rising to the peak rate."))
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=None, metavar="DECAY",
+              help=recipe_help("ema", "Keep an exponential moving average of the weights with this decay; it is "
+                               "what gets evaluated, checkpointed as the model and exported. 0 = off."))
 @click.option("--seed", default=None, type=int,
               help="Seed for initialisation, shuffling, augmentation. [default: 0, or the resumed run's]")
 @click.option("--eval-batch-size", default=1000, show_default=True, type=int, help="Test batch size per process.")
@@ -186,9 +191,8 @@ def preview(data_dir, split, start, count, out, download):
     if count <= 0 or not 0 <= start or start + count > len(labels):
         raise UserError(f"--start {start} --count {count} is outside the {len(labels)} {split} images")
     indices = list(range(start, start + count))
-    plots.sample_grid(images.numpy(), labels.numpy(), out, indices)
-    click.echo(f"Wrote {out}: {split} images {start}..{start + count - 1}, labels "
-               f"{' '.join(str(int(labels[i])) for i in indices)}")
+    titles = plots.sample_grid(images.numpy(), labels.numpy(), out, indices)
+    click.echo(f"Wrote {out}: {split} images {start}..{start + count - 1}, titled {' '.join(titles)}")
 
 
 @main.command()
@@ -215,7 +219,7 @@ def report(run_dir, model_dir, data_dir, limit, download):
 @main.command()
 @click.argument("model_dir", type=click.Path())
 @data_dir_option
-@click.option("--calibration-images", default=2000, show_default=True, type=int,
+@click.option("--calibration-images", default=2000, show_default=True, type=click.IntRange(1, 60_000),
               help="Training images (never test images) used to calibrate activation ranges.")
 @download_option
 @friendly_errors
@@ -228,28 +232,49 @@ def quantize(model_dir, data_dir, calibration_images, download):
                f"drop {result['accuracy_drop_points']:.2f} points); manifest updated")
 
 
-def csv_list(kind):
+def csv_list(kind, minimum=None, choices=None):
+    """A click callback for comma-separated values, each checked as it would be on its own."""
+
     def parse(ctx, param, value):
         try:
-            return [kind(v) for v in value.split(",") if v.strip()]
+            values = [kind(v) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}, got {value!r}") from None
+        allowed = choices() if callable(choices) else choices
+        bad = [v for v in values if (minimum is not None and v < minimum) or (allowed and v not in allowed)]
+        if not values:
+            raise click.BadParameter("give at least one value")
+        if bad and minimum is not None:
+            raise click.BadParameter(f"{', '.join(map(str, bad))}: each value must be at least {minimum}")
+        if bad:
+            raise click.BadParameter(f"unknown {', '.join(map(str, bad))}; choose from {', '.join(allowed)}")
+        return values
 
     return parse
+
+
+def bench_runtimes() -> tuple:
+    from .inference.bench import RUNTIMES
+
+    return RUNTIMES + ("available",)
 
 
 @main.command()
 @click.option("--model-dir", required=True, type=click.Path(), help="An export folder (see mnist-dist export).")
 @data_dir_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here too.")
-@click.option("--batch-sizes", default="1,64,1024,10000", show_default=True, callback=csv_list(int))
-@click.option("--runtimes", "runtime_names", default="onnxruntime-fp32,onnxruntime-int8,pytorch-eager,torchscript",
-              show_default=True, callback=csv_list(str), help="Which runtimes to compare.")
-@click.option("--threads", type=int, default=None, help="Threads for every runtime (default: all cores).")
+@click.option("--batch-sizes", default="1,64,1024,10000", show_default=True, callback=csv_list(int, minimum=1))
+@click.option("--runtimes", "runtime_names", default="available", show_default=True,
+              callback=csv_list(str, choices=bench_runtimes),
+              help="Which to compare, from onnxruntime-fp32, onnxruntime-int8, openvino-fp32, openvino-bf16 (CPUs "
+                   "with native bf16), openvino-int8, pytorch-eager, torchscript; available: all this machine runs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for every runtime (default: all cores).")
 @click.option("--providers", default="CPUExecutionProvider", show_default=True, callback=csv_list(str),
               help="onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider (needs onnxruntime-gpu).")
-@click.option("--seconds", default=3.0, show_default=True, help="Timing budget per runtime and batch size.")
-@click.option("--limit", type=int, default=None, help="Use only the first N test images (smoke runs).")
+@click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Timing budget per runtime and batch size.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N test images (smoke runs).")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Also write confusion.png, mistakes.png and report.md into the model dir.")
 @download_option
@@ -263,11 +288,10 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
     from .inference import bench as bench_lib
     from .reports import report as report_lib
 
-    if any(b <= 0 for b in batch_sizes) or (threads is not None and threads <= 0) or (limit is not None and limit <= 0):
-        raise UserError("--batch-sizes, --threads and --limit take positive numbers")
     if json_path:
         atomic.check_output_file(json_path, "--json")
-    result = bench_lib.run(model_dir, data_dir, batch_sizes, runtime_names, threads, providers, seconds,
+    names = None if runtime_names == ["available"] else [n for n in runtime_names if n != "available"]
+    result = bench_lib.run(model_dir, data_dir, batch_sizes, names, threads, providers, seconds,
                            limit=limit, download=download, log=lambda *_: None)
     click.echo(bench_lib.format_table(result))
     for absent in result["providers"]["absent"]:
@@ -278,42 +302,99 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
     if report:
         report_lib.model_report(model_dir, data_dir, download, bench=result)
         click.echo(f"Wrote {report_lib.REPORT}, {report_lib.CONFUSION} and {report_lib.MISTAKES} in {model_dir}")
-    off = sorted({r["runtime"] for r in result["results"] if r["accuracy_equals_pytorch"] is False})
+    off = sorted({r["runtime"] for r in result["results"] if r["valid"] is False})
     if off:
-        raise UserError(f"{', '.join(off)} accuracy differs from the checkpoint's PyTorch accuracy "
-                        f"({100 * result['pytorch_test_accuracy']:.2f}%): the exported model is not faithful")
+        raise UserError(f"{', '.join(off)}: accuracy off PyTorch's {100 * result['pytorch_test_accuracy']:.2f}% "
+                        f"(fp32 must match exactly, bf16 and INT8 may lose {bench_lib.MAX_DROP_POINTS} points)")
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--model", "model_path", required=True, type=click.Path(),
-              help="model.onnx, model.int8.onnx or model.ts; its manifest.json must sit beside it.")
-@click.option("--out", type=click.Path(dir_okay=False), help="preds.csv or preds.json (default: CSV on stdout).")
+              help="model.onnx, model.int8.onnx, model.ts or model.pt2; its manifest.json must sit beside it.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="preds.csv or preds.json (default: CSV on stdout; required with several processes).")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Make digits white on black; auto inverts images whose background is light.")
-@click.option("--batch-size", default=256, show_default=True, type=int)
+              help="Make digits white on black: yes/no for every input, arrays included; auto inverts each image "
+                   "or array row whose border is light.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run into the same --out: finished chunks are kept, the rest labelled.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Threads decoding images while the model runs. [default: the threads per process]")
+@click.option("--chunk-size", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Most inputs per chunk: what is held in memory, written at once and skipped by --resume. Smaller "
+                   "jobs use smaller chunks, so that there are 64 of them (of 64 inputs at least).")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False),
+              help="Also write the summary (counts, rates, runtimes, peak memory per process) as JSON here.")
+@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "openvino", "openvino-bf16"]), default="auto",
+              show_default=True,
+              help="For ONNX models. auto: the faster of onnxruntime and OpenVINO for --batch-size on this machine "
+                   "(from bench.json beside the model, else OpenVINO from batches of 64); never bf16 unless asked; "
+                   "onnxruntime on a GPU. openvino-bf16 needs a CPU with native bf16.")
+@threads_option
+@click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")
 @friendly_errors
-def predict(inputs, model_path, out, invert, batch_size):
+def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_size, summary_path, runtime, threads,
+            cpu):
     """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files.
 
-    Exit code 2 when any input failed (its row says why); every other input is still labelled."""
+    Runs under `accelerate launch` over any number of processes or machines: each labels its own
+    contiguous share, and the main process writes one --out in input order. Exit code 2 when any
+    input failed (its row says why); every other input is still labelled."""
     from . import atomic
-    from .inference.predict import predict as run_predict
-    from .inference.predict import to_csv, write
+    from .inference.predict import JobOptions, describe, run_job
+    from .launch import launched_rank
 
-    if batch_size <= 0:
-        raise UserError("--batch-size must be a positive integer")
-    if out:
-        atomic.check_output_file(out, "--out")
-    rows, summary = run_predict(inputs, model_path, invert, batch_size)
-    if out:
-        write(rows, out)
-    else:
-        click.echo(to_csv(rows), nl=False)
-    click.echo(f"{summary['inputs']} inputs, {summary['failed']} failed, {summary['images_per_s']:.0f} images/s"
-               + (f"; wrote {out}" if out else ""), err=True)
+    if summary_path:
+        atomic.check_output_file(summary_path, "--summary")
+    options = JobOptions(inputs, model_path, out, invert, batch_size, resume, workers, threads, cpu, chunk_size,
+                         runtime)
+    summary = run_job(options, echo=click.echo)
+    if launched_rank() == 0:
+        click.echo(describe(summary, out), err=True)
+        if summary_path:
+            atomic.write_json(summary_path, summary)
     if summary["failed"]:
         raise SystemExit(2)
+
+
+@main.command()
+@click.option("--model-dir", required=True, type=click.Path(), help="An export folder (see mnist-dist export).")
+@click.option("--model", "model_name", default="model.onnx", show_default=True,
+              help="Which ONNX file of the folder to serve: model.onnx or model.int8.onnx.")
+@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "openvino", "openvino-bf16"]), default="auto",
+              show_default=True,
+              help="auto: the faster for single requests on this machine (bench.json beside the model, else "
+                   "onnxruntime, which answered single images sooner); openvino-bf16 needs native bf16.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@threads_option
+@click.option("--batching/--no-batching", default=True, show_default=True,
+              help="Gather concurrent requests into one model run.")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Most images in one micro-batch.")
+@click.option("--max-wait-ms", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest a request waits for others to join its batch. 0: batches still form from the requests "
+                   "that arrive while the model runs, and a lone request never waits.")
+@click.option("--max-body-mb", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Larger request bodies are refused with 413.")
+@friendly_errors
+def serve(model_dir, model_name, runtime, host, port, threads, batching, max_batch, max_wait_ms, max_body_mb):
+    """Serve the exported model over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at / to draw
+    a digit on. Needs the serve extra (pip install 'mnist-dist[serve]')."""
+    try:
+        from .serving.app import ServeOptions
+        from .serving.server import serve as run_server
+    except ImportError as e:
+        raise UserError(f"mnist-dist serve needs the serve extra ({e.name} is missing): "
+                        "pip install 'mnist-dist[serve]'") from e
+    from .launch import choose_threads
+
+    options = ServeOptions(model_dir, model_name, threads or choose_threads()[0], batching, max_batch, max_wait_ms,
+                           int(max_body_mb * 2**20), runtime)
+    run_server(options, host, port, log=click.echo)
 
 
 if __name__ == "__main__":

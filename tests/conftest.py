@@ -1,6 +1,7 @@
 """Shared fixtures: real MNIST (the copy bundled in the package), a CLI runner, and one short-trained run."""
 import hashlib
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -101,3 +102,24 @@ def exported_model(exported, tmp_path_factory) -> Path:
     shutil.copytree(exported[0], out)
     run([sys.executable, "-m", "mnist_dist.cli", "quantize", out, "--calibration-images", 500])
     return out
+
+
+def write_test_pngs(folder: Path, count: int, name: str = "digit_{:04d}.png") -> list:
+    """The first ``count`` MNIST test digits as 28x28 PNG files in ``folder``; returns their labels."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels, labels = mnist.load_split("test")
+    for i in range(count):
+        Image.fromarray(pixels[i].numpy()).save(folder / name.format(i))
+    return labels[:count].tolist()
+
+
+def cpu_flags() -> set:
+    """This CPU's feature flags as the kernel lists them (the source `lscpu` reads), independent of torch."""
+    if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file():
+        pytest.skip("the rule is checked against x86 flags from /proc/cpuinfo")
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()

@@ -90,3 +90,17 @@ def test_output_files_are_checked_before_any_work(trained_run, exported_model, t
         # Refused up front: none of the work's own output (results, tables, summaries) was printed.
         assert proc.stdout == "" and "inputs," not in proc.stderr, args
     assert not missing.exists() and blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quantize", "MODEL", "--calibration-images", "0"], "'--calibration-images': 0 is not in the range"),
+    (["bench", "--model-dir", "MODEL", "--seconds", "0"], "'--seconds': 0.0 is not in the range"),
+    (["bench", "--model-dir", "MODEL", "--runtimes", "onnxruntime-fp32,tensorrt"], "unknown tensorrt; choose from"),
+    (["bench", "--model-dir", "MODEL", "--batch-sizes", "64,0"], "0: each value must be at least 1"),
+    (["bench", "--model-dir", "MODEL", "--batch-sizes", "64,many"], "comma-separated list of int"),
+])
+def test_bad_option_values_are_one_line(exported_model, args, message):
+    before = file_hashes(exported_model)
+    proc = cli(*[exported_model if a == "MODEL" else a for a in args])
+    assert_one_line_error(proc, message)
+    assert file_hashes(exported_model) == before

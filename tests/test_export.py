@@ -177,3 +177,19 @@ def test_bad_out_dirs_give_one_line(trained_run, tmp_path):
         result = CliRunner().invoke(main, ["export", "--checkpoint", str(trained_run), "--out-dir", str(out)])
         assert result.exit_code != 0 and message in result.output and result.output.count("\n") == 1
     assert list(existing.iterdir()) == []
+
+
+def test_export_force_replaces_an_export_with_a_valid_one(exported, trained_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(exported[0], out)
+    (out / "stale.txt").write_text("left by the previous export")
+    source = tmp_path / "other.pt"
+    shutil.copyfile(trained_run / "checkpoints" / "epoch_0001.pt", source)
+    run([sys.executable, "export/export.py", "--checkpoint", source, "--out-dir", out, "--force"])
+    assert {p.name for p in out.iterdir()} == ARTIFACT_FILES  # the old folder is gone, not merged
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source_checkpoint"]["path"] == str(source)
+    assert all(manifest_lib.sha256(out / name) == entry["sha256"] for name, entry in manifest["files"].items())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or old folder left

@@ -71,6 +71,10 @@ def test_the_launchers_mixed_precision_is_honoured_and_the_job_flag_wins(tmp_pat
          "--output-dir", tmp_path / "fp32"])
     config = json.loads((tmp_path / "fp32" / "config.json").read_text())
     assert (config["mixed_precision"], config["mixed_precision_chosen_by"]) == ("no", "--mixed-precision")
+    # Same seed, data and steps: only the arithmetic differs, so bf16 autocast really ran in the first run.
+    bf16, fp32 = (read_jsonl(tmp_path / name / "steps.jsonl") for name in ("bf16", "fp32"))
+    assert [s["step"] for s in bf16] == [s["step"] for s in fp32]
+    assert bf16[0]["loss"] != fp32[0]["loss"] and bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.05)
 
 
 def test_fp16_on_a_cpu_is_refused_in_one_line(tmp_path):

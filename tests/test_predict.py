@@ -8,11 +8,10 @@ import pytest
 from PIL import Image
 
 from mnist_dist.data import mnist
-from mnist_dist.errors import UserError
 from mnist_dist.inference import images, predict
 from mnist_dist.scores import softmax
 
-from conftest import run
+from conftest import run, write_test_pngs
 
 CLI = [sys.executable, "-m", "mnist_dist.cli"]
 
@@ -23,15 +22,9 @@ def test_digits():
     return pixels.numpy(), labels.numpy()
 
 
-def write_pngs(folder, pixels, count):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        Image.fromarray(pixels[i]).save(folder / f"digit_{i:04d}.png")
-
-
 def test_predict_on_pngs_agrees_label_for_label_with_bench(exported_model, test_digits, tmp_path):
     pixels, labels = test_digits
-    write_pngs(tmp_path / "pngs", pixels, 300)
+    write_test_pngs(tmp_path / "pngs", 300)
     out = tmp_path / "preds.csv"
     proc = run([*CLI, "predict", tmp_path / "pngs", "--model", exported_model / "model.onnx", "--out", out])
     rows = list(csv.DictReader(out.open()))
@@ -51,7 +44,7 @@ def test_predict_on_pngs_agrees_label_for_label_with_bench(exported_model, test_
 def test_bad_files_cost_only_their_own_row(exported_model, test_digits, tmp_path):
     pixels, labels = test_digits
     folder = tmp_path / "mixed"
-    write_pngs(folder, pixels, 4)  # digit_0000..0003: good
+    write_test_pngs(folder, 4)  # digit_0000..0003: good
     Image.fromarray(pixels[0]).save(folder / "b_corrupt.png")
     raw = (folder / "b_corrupt.png").read_bytes()
     (folder / "b_corrupt.png").write_bytes(raw[:20] + b"\x00" * 40 + raw[60:])
@@ -72,15 +65,15 @@ def test_bad_files_cost_only_their_own_row(exported_model, test_digits, tmp_path
 
 
 def predict_one(model_dir, pixels):
-    runner, manifest = predict.load_model(model_dir / "model.onnx")
-    return int(runner(pixels[None, None].astype(np.float32) * np.float32(manifest["input"]["scale"])).argmax())
+    model = predict.load_model(model_dir / "model.onnx")
+    return int(model.run(pixels[None, None].astype(np.float32) * np.float32(model.manifest["input"]["scale"])).argmax())
 
 
 def test_rgb_odd_size_and_dark_on_light_images_are_made_mnist_like(exported_model, test_digits, tmp_path):
     pixels, labels = test_digits
-    runner, manifest = predict.load_model(exported_model / "model.onnx")
-    x = pixels[:100, None].astype(np.float32) * np.float32(manifest["input"]["scale"])
-    confident = [i for i, p in enumerate(softmax(runner(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
+    model = predict.load_model(exported_model / "model.onnx")
+    x = pixels[:100, None].astype(np.float32) * np.float32(model.manifest["input"]["scale"])
+    confident = [i for i, p in enumerate(softmax(model.run(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
     files, truth = [], []
     for i in confident[:8]:
         digit = Image.fromarray(pixels[i])
@@ -143,6 +136,15 @@ def test_truncated_arrays_cost_only_their_own_row(exported_model, test_digits, m
     assert "not a readable .npy file" in rows[3]["error"] and "truncated" in rows[4]["error"]
 
 
+def test_float_rows_outside_0_1_get_their_own_error_row(exported_model, tmp_path):
+    rows = np.random.default_rng(0).random((4, 28, 28))
+    rows[1, 3, 3], rows[3, 0, 0] = 1.5, np.nan
+    np.save(tmp_path / "f.npy", rows)
+    result, summary = predict.predict([tmp_path / "f.npy"], exported_model / "model.onnx", show_progress=False)
+    assert [r["error"] for r in result] == ["", "values outside [0, 1]", "", "values outside [0, 1]"]
+    assert summary["failed"] == 2
+
+
 def test_int8_and_torchscript_models_predict_too(exported_model, test_digits, tmp_path):
     pixels, labels = test_digits
     np.save(tmp_path / "x.npy", pixels[:64])
@@ -164,10 +166,10 @@ def test_command_level_errors_are_one_line(exported_model, tmp_path):
     assert "holds no images" in command_error([tmp_path / "empty", "--model", model])
     assert "no inputs" in command_error(["--model", model])
     assert "does not exist" in command_error([tmp_path, "--model", tmp_path / "nope.onnx"])
-    np.save(tmp_path / "wide.npy", np.random.rand(5, 28, 28) * 3)
-    assert "must lie in [0, 1]" in command_error([tmp_path / "wide.npy", "--model", model])
     np.save(tmp_path / "big.npy", np.zeros((5, 32, 32), np.uint8))
     assert "expected (N,28,28)" in command_error([tmp_path / "big.npy", "--model", model])
+    np.save(tmp_path / "ints.npy", np.zeros((5, 28, 28), np.int64))
+    assert "dtype int64" in command_error([tmp_path / "ints.npy", "--model", model])
 
 
 def test_corrupt_or_foreign_models_are_refused(exported_model, tmp_path):
@@ -187,6 +189,68 @@ def test_corrupt_or_foreign_models_are_refused(exported_model, tmp_path):
     assert "expected [batch, 1, 28, 28]" in command_error([tmp_path / "models", "--model", folder / "model.onnx"])
 
 
-def test_library_raises_user_errors(exported_model, tmp_path):
-    with pytest.raises(UserError, match="no inputs"):
-        predict.expand([])
+def confident_digits(exported_model, test_digits, count: int) -> list:
+    """Indices of test digits the model reads right with near certainty: any miss below is the input's handling."""
+    pixels, labels = test_digits
+    model = predict.load_model(exported_model / "model.onnx")
+    probabilities = softmax(model.run(pixels[:200, None].astype(np.float32) / 255))
+    return [i for i, p in enumerate(probabilities) if p.max() > 0.999 and p.argmax() == labels[i]][:count]
+
+
+def exif_rotated_jpeg(digit: np.ndarray, path) -> None:
+    """Stored a quarter turn anticlockwise, with EXIF orientation 6 telling viewers to turn it back, as phones do."""
+    upright = Image.fromarray(digit).resize((112, 112), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+
+
+def test_image_kinds_people_send(exported_model, test_digits, tmp_path):
+    pixels, labels = test_digits
+    picked = confident_digits(exported_model, test_digits, 6)
+    files, truth = [], []
+    for i in picked:
+        digit = pixels[i]
+        big = Image.fromarray(digit).resize((84, 84), Image.BICUBIC)
+        rgba = np.zeros((84, 84, 4), np.uint8)
+        rgba[..., 3] = np.asarray(big)  # black ink whose opacity is the digit, on a transparent sheet
+        kinds = {
+            "rgba.png": Image.fromarray(rgba, "RGBA"),
+            "palette.gif": big.convert("P"),
+            "gray.bmp": big,
+            "sixteen.png": Image.fromarray(np.asarray(big).astype(np.uint16) * 257),  # mode I;16
+        }
+        for name, img in kinds.items():
+            files.append(tmp_path / f"{i}_{name}")
+            img.save(files[-1])
+            truth.append(int(labels[i]))
+        files.append(tmp_path / f"{i}_rotated.jpg")
+        exif_rotated_jpeg(digit, files[-1])
+        truth.append(int(labels[i]))
+    assert Image.open(tmp_path / f"{picked[0]}_sixteen.png").mode.startswith("I")  # really 16-bit on disk
+    rows, summary = predict.predict(files, exported_model / "model.onnx", show_progress=False)
+    assert summary["failed"] == 0
+    wrong = [(r["input"], r["prediction"], t) for r, t in zip(rows, truth) if r["prediction"] != t]
+    assert wrong == []
+    # Without its orientation tag the stored, sideways JPEG reads as something else: the tag is what was applied.
+    sideways = []
+    for i in picked:
+        Image.open(tmp_path / f"{i}_rotated.jpg").save(tmp_path / f"{i}_sideways.jpg", quality=95)
+        sideways.append(tmp_path / f"{i}_sideways.jpg")
+    rows, _ = predict.predict(sideways, exported_model / "model.onnx", show_progress=False)
+    assert sum(r["prediction"] != labels[i] for r, i in zip(rows, picked)) >= len(picked) // 2
+
+
+def test_invert_from_the_command_line_applies_to_arrays_too(exported_model, test_digits, tmp_path):
+    pixels, labels = test_digits
+    picked = confident_digits(exported_model, test_digits, 8)
+    np.save(tmp_path / "digits.npy", pixels[picked])
+    predicted = {}
+    for invert in ("auto", "no", "yes"):
+        out = tmp_path / f"{invert}.csv"
+        run([*CLI, "predict", tmp_path / "digits.npy", "--model", exported_model / "model.onnx", "--out", out,
+             "--invert", invert])
+        predicted[invert] = [int(r["prediction"]) for r in csv.DictReader(out.open())]
+    truth = [int(labels[i]) for i in picked]
+    assert predicted["auto"] == predicted["no"] == truth  # MNIST rows are already white on black
+    assert sum(p != t for p, t in zip(predicted["yes"], truth)) >= 6  # black on white is not what it learnt

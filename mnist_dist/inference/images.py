@@ -3,34 +3,61 @@
 The sizes (28x28 images, digits fitted in 20x20, for MNIST) come from the
 model's manifest; see ``exporting.manifest.image_size`` and ``digit_box``.
 """
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
 
 INK = 0.2  # a pixel is ink if it is brighter than this share of the brightest (after background removal)
+# A JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself while both sides stay at least this many
+# times the digit's box: a 1024x768 phone scan decodes at 256x192, several times faster, and the digit
+# is still far larger than the box it is shrunk into.
+DRAFT_BOXES = 8
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class BadImage(ValueError):
     """This one input cannot be used; the reason goes into its error row."""
 
 
-def open_grayscale(path) -> np.ndarray:
-    """Decode fully (so truncated files fail here) and flatten to 8-bit gray; transparency becomes white."""
+def open_grayscale(source, box: int = 0) -> np.ndarray:
+    """Decode ``source`` (a path or a binary file object) to gray float32 pixels 0..255.
+
+    Decoded fully, so truncated files fail here. The EXIF orientation is applied first, so a phone
+    photo is read upright; 16-bit images are scaled to 8 bits, not clipped; transparency becomes
+    white. With ``box``, large JPEGs are decoded at a reduced scale (see DRAFT_BOXES).
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if box and img.format == "JPEG":
+                img.draft("L", (DRAFT_BOXES * box, DRAFT_BOXES * box))
             img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            return np.asarray(ImageOps.grayscale(img), dtype=np.float32)
+            if img.info.get("exif"):  # most images carry none, and reading it costs as much as decoding a PNG
+                img = ImageOps.exif_transpose(img)
+            return to_gray(img)
     except Exception as e:  # any decoder failure is this file's problem alone, never the batch's
-        raise BadImage(f"not a readable image ({' '.join(str(e).split())[:120]})") from e
+        reason = str(e) if isinstance(source, (str, Path)) else str(e).replace(f" {source!r}", "")
+        raise BadImage(f"not a readable image ({' '.join(reason.split())[:120]})") from e
 
 
-def light_background(gray: np.ndarray) -> bool:
-    """Judge polarity by the border: MNIST backgrounds are dark, scans are usually light."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return float(np.median(border)) > 127
+def to_gray(img: Image.Image) -> np.ndarray:
+    if img.mode in SIXTEEN_BIT_MODES:
+        return np.clip(np.asarray(img, dtype=np.float32), 0, 65535) * np.float32(255 / 65535)
+    if img.mode == "L":  # already 8-bit gray, as most scans and every MNIST-style PNG
+        return np.asarray(img, dtype=np.float32)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(ImageOps.grayscale(img), dtype=np.float32)
+
+
+def light_background(gray: np.ndarray):
+    """Judge polarity by the border: MNIST backgrounds are dark, scans are usually light.
+
+    ``gray`` is one image [H, W] (returns a bool) or a stack [N, H, W] (returns one bool per image).
+    """
+    border = np.concatenate([gray[..., 0, :], gray[..., -1, :], gray[..., :, 0], gray[..., :, -1]], axis=-1)
+    return np.median(border, axis=-1) > 127
 
 
 def to_mnist(gray: np.ndarray, invert: str, size: tuple, box: int) -> np.ndarray:

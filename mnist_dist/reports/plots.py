@@ -27,8 +27,8 @@ def save(fig, path) -> None:
     plt.close(fig)
 
 
-def sample_grid(images, labels, path, indices) -> None:
-    """The tutorial's grid: one image per cell, titled with its label."""
+def sample_grid(images, labels, path, indices) -> list:
+    """The tutorial's grid: one image per cell, titled with its label. Returns the titles drawn."""
     side = math.ceil(math.sqrt(len(indices)))
     fig = plt.figure(figsize=GRID_SIZE_IN)
     for cell, index in enumerate(indices):
@@ -36,16 +36,20 @@ def sample_grid(images, labels, path, indices) -> None:
         ax.set_title(str(int(labels[index])))
         ax.axis("off")
         ax.imshow(np.asarray(images[index]).squeeze(), cmap="gray")
+    titles = [ax.get_title() for ax in fig.axes]
     save(fig, path)
+    return titles
 
 
-def training_curves(epochs: list, steps: list, path) -> dict:
+def training_curves(epochs: list, steps: list, path, label_smoothing: float = 0.0) -> dict:
     """Three panels: the train loss every few steps (log scale) with the per-epoch test loss, the learning
     rate, both against fractional epochs, and the test accuracy per epoch on an axis ending at 100%.
-    A dashed line marks where a resumed run took over. Returns what was drawn."""
+    A dashed line marks where a resumed run took over. With label smoothing the training loss has a floor
+    well above the test loss (which is plain cross-entropy); the legend says so. Returns what was drawn."""
     fig, (loss_ax, lr_ax, acc_ax) = plt.subplots(1, 3, figsize=CURVES_SIZE_IN)
     if steps:
-        loss_ax.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], lw=1, label="train (every few steps)")
+        smoothed = f", label smoothing {label_smoothing:g}" if label_smoothing else ""
+        loss_ax.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], lw=1, label=f"train{smoothed}")
         lr_ax.plot([s["epoch"] for s in steps], [s["lr"] for s in steps], color="tab:purple")
     else:  # runs recorded before per-step rows existed
         loss_ax.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], marker="o", label="train")
@@ -80,8 +84,8 @@ def accuracy_panel(ax, epochs: list) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
 
 
-def confusion(cm: np.ndarray, path, classes) -> None:
-    """The confusion matrix, true label by row, with the count in every cell."""
+def confusion(cm: np.ndarray, path, classes) -> dict:
+    """The confusion matrix, true label by row, with the count in every cell. Returns what the figure shows."""
     fig, ax = plt.subplots(figsize=CONFUSION_SIZE_IN)
     ax.imshow(np.log1p(cm), cmap="Blues")  # log scale: the few errors stay visible next to ~1000 hits
     for (row, col), count in np.ndenumerate(cm):
@@ -91,7 +95,10 @@ def confusion(cm: np.ndarray, path, classes) -> None:
     ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=f"Confusion matrix ({cm.sum():,} test images)")
     fig.tight_layout()
+    drawn = {"cells": len(ax.texts), "annotated_total": sum(int(t.get_text()) for t in ax.texts),
+             "annotated_diagonal": sum(int(t.get_text()) for t in ax.texts if t.get_position()[0] == t.get_position()[1])}
     save(fig, path)
+    return drawn
 
 
 def mistakes_size_px(count: int) -> tuple:
@@ -99,8 +106,9 @@ def mistakes_size_px(count: int) -> tuple:
     return (round(MISTAKES_COLUMNS * MISTAKE_CELL_IN[0] * DPI), round(rows * MISTAKE_CELL_IN[1] * DPI))
 
 
-def mistakes(images, labels, predictions, confidences, path, limit: int) -> list:
-    """A gallery of misclassified images (the first ``limit`` by index); returns the indices drawn."""
+def mistakes(images, labels, predictions, confidences, path, limit: int) -> dict:
+    """A gallery of misclassified images (the first ``limit`` by index). Returns the indices drawn and
+    what the figure shows: one panel per image, titled with its true label and the prediction."""
     shown = np.flatnonzero(predictions != labels)[:limit].tolist()
     width, height = mistakes_size_px(len(shown))
     fig = plt.figure(figsize=(width / DPI, height / DPI))
@@ -112,8 +120,9 @@ def mistakes(images, labels, predictions, confidences, path, limit: int) -> list
         ax.axis("off")
     if not shown:
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    drawn = {"shown": shown, "panels": len(fig.axes), "titles": [ax.get_title() for ax in fig.axes]}
     save(fig, path)
-    return shown
+    return drawn
 
 
 def png_size(path) -> tuple:

@@ -32,7 +32,9 @@ def run_curves(run_dir) -> Path:
         raise UserError(f"{run_dir}: a metrics file is corrupt ({e})") from e
     if not rows:
         raise UserError(f"{metrics} has no finished epoch yet")
-    plots.training_curves(rows, step_rows, run_dir / CURVES)
+    config = run_dir / "config.json"
+    smoothing = json.loads(config.read_text()).get("label_smoothing", 0.0) if config.is_file() else 0.0
+    plots.training_curves(rows, step_rows, run_dir / CURVES, smoothing)
     return run_dir / CURVES
 
 
@@ -66,10 +68,12 @@ def model_report(model_dir, data_dir=None, download=True, out_dir=None, limit=10
         bench = json.loads((model_dir / BENCH_JSON).read_text())
     images, labels, predictions, confidences = predict_test_set(model_dir, manifest, data_dir, download)
     cm = confusion_matrix(labels, predictions, len(manifest["classes"]))
-    plots.confusion(cm, out_dir / CONFUSION, manifest["classes"])
-    shown = plots.mistakes(images, labels, predictions, confidences, out_dir / MISTAKES, limit)
+    drawn_confusion = plots.confusion(cm, out_dir / CONFUSION, manifest["classes"])
+    drawn_mistakes = plots.mistakes(images, labels, predictions, confidences, out_dir / MISTAKES, limit)
+    shown = drawn_mistakes.pop("shown")
     summary = {"accuracy": float(np.trace(cm) / cm.sum()), "test_samples": int(cm.sum()),
                "mistakes": int(cm.sum() - np.trace(cm)), "mistakes_shown": shown,
+               "pictures": {"confusion": drawn_confusion, "mistakes": drawn_mistakes},
                "confusion": cm.tolist(), "per_class": per_class(cm)}
     atomic.write_text(out_dir / REPORT, render_markdown(summary, manifest, bench))
     return summary

@@ -24,6 +24,7 @@ from ..data import mnist
 from ..model import CNN
 
 TARGETS = (0.990, 0.992)
+README_TARGETS = (0.990, 0.992, 0.995)
 LAUNCHERS = ("accelerate", "python")
 
 
@@ -148,8 +149,8 @@ def run_pipeline(name: str, train_script, train_args: list, processes: int, laun
 
 
 def benchmark(train_script, data_dir, quick: bool, presets: list, processes: list, tutorial_epochs: int,
-              extra_args: list, launchers=("accelerate",)) -> dict:
-    """The tutorial, then each preset x process count x launcher, all in this one invocation."""
+              extra_args: list, launchers=("accelerate",), seeds=(0,)) -> dict:
+    """The tutorial, then each preset x process count x launcher x seed, all in this one invocation."""
     from .config import PRESETS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,7 +166,9 @@ def benchmark(train_script, data_dir, quick: bool, presets: list, processes: lis
             env = {"ACCELERATE_USE_CPU": "1"} if n > 1 and device == "cpu" else {}
             for launcher in launchers if n == 1 else ["accelerate"]:
                 name = f"{preset} ({n} process{'es' if n > 1 else ''}{', python' if launcher == 'python' else ''})"
-                results.append(run_pipeline(name, train_script, args, n, launcher, env))
+                for seed in seeds:
+                    result = run_pipeline(name, train_script, [*args, "--seed", seed], n, launcher, env)
+                    results.append({**result, "seed": seed})
     baseline = results[0]["images_per_s"]
     for r in results:
         r["speedup_images_per_s"] = r["images_per_s"] / baseline
@@ -177,7 +180,41 @@ def benchmark(train_script, data_dir, quick: bool, presets: list, processes: lis
         "versions": sysinfo.versions("torch", "torchvision", "accelerate", "numpy"),
         "targets": list(TARGETS),
         "results": results,
+        "recipes": [spread(group, results[0]) for group in by_recipe(results[1:])],
     }
+
+
+def by_recipe(results: list) -> list:
+    """Results grouped by recipe name (one group per name, seeds together), in the order they ran."""
+    groups = {}
+    for r in results:
+        groups.setdefault(r["name"], []).append(r)
+    return list(groups.values())
+
+
+def spread(runs: list, tutorial: dict) -> dict:
+    """One recipe over its seeds: final accuracies, and median times to each target against the tutorial's."""
+    finals = [r["final_accuracy"] for r in runs if r["final_accuracy"] is not None]  # none: throughput only
+    summary = {"name": runs[0]["name"], "seeds": [r.get("seed", 0) for r in runs], "final_accuracy": finals,
+               "final_mean": statistics.mean(finals) if finals else None,
+               "final_min": min(finals, default=None), "final_max": max(finals, default=None),
+               "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+               "mixed_precision": runs[0]["settings"].get("mixed_precision"), "epochs": len(runs[0]["epochs"])}
+    for target in README_TARGETS:
+        key = f"time_to_{target * 100:.1f}_s"
+        times = [first_time_to(r, target) for r in runs]
+        reached = [t for t in times if t is not None]
+        summary[key] = statistics.median(reached) if reached and len(reached) == len(runs) else None
+        summary[f"reached_{target * 100:.1f}"] = len(reached)
+        tutorial_time = first_time_to(tutorial, target)
+        if summary[key] and tutorial_time:
+            summary[f"sooner_than_tutorial_{target * 100:.1f}"] = tutorial_time / summary[key]
+    return summary
+
+
+def first_time_to(result: dict, target: float):
+    reached = [row["wall_s"] for row in result["epochs"] if row["test_accuracy"] >= target]
+    return reached[0] if reached else None
 
 
 def format_table(report: dict) -> str:
@@ -192,3 +229,65 @@ def format_table(report: dict) -> str:
 
 def _secs(value) -> str:
     return f"{value:.1f}s" if value is not None else "-"
+
+
+def readme_table(reports: list) -> str:
+    """The README's training table: one row per recipe and machine, seeds summarised; each report carries its
+    file name as ``_source``."""
+    heads = " | ".join(f"to {100 * t:.1f}%" for t in README_TARGETS)
+    lines = [f"| machine | recipe | images/s | vs tutorial | bf16 | final accuracy: mean (min-max), seeds | {heads} |",
+             "|---|---|---|---|---|---|" + "---|" * len(README_TARGETS)]
+    for report in reports:
+        tutorial = report["results"][0]
+        recipes = report.get("recipes") or [spread(group, tutorial) for group in by_recipe(report["results"][1:])]
+        shown = [spread([tutorial], tutorial)] if tutorial["epochs"] else []  # a throughput-only tutorial: its
+        for r in [*shown, *recipes]:  # rate is still every row's "vs tutorial"
+            lines.append(f"| {machine_label(report)} | {recipe_label(r, report)} | {r['images_per_s']:,.0f} | "
+                         f"{r['images_per_s'] / tutorial['images_per_s']:.2f}x | "
+                         f"{'yes' if r['mixed_precision'] == 'bf16' else 'no'} | {accuracy_cell(r)} | "
+                         + " | ".join(time_cell(r, t) for t in README_TARGETS) + " |")
+    sources = ", ".join(r["_source"] for r in reports)
+    versions = ", ".join(sorted({f"torch {r['versions']['torch']}" for r in reports}))
+    lines += ["", f"Generated by `jobs/perf_table.py` from {sources} ({versions}). Times are training seconds "
+              "(evaluation and start-up excluded) to the first epoch at or above the target, the median over the "
+              "seeds; x is how many times sooner than the tutorial in the same run."]
+    return "\n".join(lines)
+
+
+def machine_label(report: dict) -> str:
+    m = report["machine"]
+    if report["results"] and report["results"][-1]["settings"].get("device", "cpu") == "cuda" and m.get("gpu"):
+        return m["gpu"]
+    return f"{m['cpu']} ({m.get('cpu_capability', '?')}), {m['cores']} cores"
+
+
+def recipe_label(summary: dict, report: dict) -> str:
+    """Reports written before the launcher was recorded ran one process through plain python."""
+    name = summary["name"]
+    first = next(r for r in report["results"] if r["name"] == name)
+    if "launcher" not in first["settings"] and first["settings"].get("processes") == 1 and name.endswith(" process)"):
+        return name[:-1] + ", python)"
+    return name
+
+
+def accuracy_cell(summary: dict) -> str:
+    if not summary["epochs"]:
+        return "-"  # a throughput-only run
+    seeds = len(summary["final_accuracy"])
+    epochs = f"{summary['epochs']} epoch{'s' if summary['epochs'] > 1 else ''}"
+    if seeds == 1:
+        return f"{100 * summary['final_mean']:.2f}% ({epochs})"
+    return (f"{100 * summary['final_mean']:.2f}% ({100 * summary['final_min']:.2f}-{100 * summary['final_max']:.2f}), "
+            f"{seeds} seeds, {epochs}")
+
+
+def time_cell(summary: dict, target: float) -> str:
+    if not summary["epochs"]:
+        return "-"
+    key = f"{target * 100:.1f}"
+    value = summary[f"time_to_{key}_s"]
+    if value is None:
+        reached = summary[f"reached_{key}"]
+        return f"{reached}/{len(summary['final_accuracy'])} seeds" if reached else "not reached"
+    sooner = summary.get(f"sooner_than_tutorial_{key}")
+    return f"{value:.1f} s" + (f" ({sooner:.1f}x)" if sooner and summary["name"] != "tutorial (as written)" else "")

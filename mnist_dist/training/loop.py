@@ -9,9 +9,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .. import atomic, launch
@@ -41,6 +43,22 @@ class Setup:
     mixed_precision_chosen_by: str
     data_source: mnist.Source
     trackers: list
+
+
+@dataclass
+class Parts:
+    """What trains: the prepared model, optimizer and loaders, the schedule, and the weight average if any."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: batches.ShardedBatches
+    test_loader: torch.utils.data.DataLoader
+    ema: Optional[AveragedModel] = None
+
+    def evaluated_model(self) -> torch.nn.Module:
+        """The model that is evaluated, checkpointed as ``model`` and exported: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 @dataclass
@@ -133,8 +151,10 @@ def describe_setup(accelerator, cfg, setup: Setup, model, train_set, test_set) -
         f"{setup.threads} thread(s) per process ({setup.threads_chosen_by})")
     say(f"Global batch: {cfg.batch_size} per process x {accelerator.num_processes} = "
         f"{cfg.batch_size * accelerator.num_processes}")
-    say(f"Recipe ({cfg.preset}): {cfg.epochs} epochs, Adam lr {cfg.lr:g} {cfg.schedule}, label smoothing "
-        f"{cfg.label_smoothing:g}, augmentation {'on' if cfg.augment else 'off'}, "
+    schedule = f"onecycle (warm-up {cfg.warmup:g})" if cfg.schedule == "onecycle" else cfg.schedule
+    ema = f"EMA {cfg.ema:g}" if cfg.ema else "EMA off"
+    say(f"Recipe ({cfg.preset}): {cfg.epochs} epochs, Adam lr {cfg.lr:g} {schedule}, label smoothing "
+        f"{cfg.label_smoothing:g}, augmentation {'on' if cfg.augment else 'off'}, {ema}, "
         f"channels_last {'on' if cfg.channels_last else 'off'}, seed {cfg.seed}")
     if setup.trackers:
         say(f"Tracking: {', '.join(setup.trackers)} in {cfg.output_dir}")
@@ -144,16 +164,18 @@ def describe_setup(accelerator, cfg, setup: Setup, model, train_set, test_set) -
 
 def make_scheduler(cfg, optimizer, steps: int):
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
+                                                   pct_start=cfg.warmup)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch) -> tuple:
+def train_one_epoch(accelerator, cfg, parts: Parts, epoch: int) -> tuple:
     """One pass over this process's shard.
 
     Returns (mean train loss over all processes, images trained, step rows). Each step's loss stays
     on the device until the epoch ends, so recording it costs no synchronisation per step.
     """
+    model, optimizer, scheduler, loader = parts.model, parts.optimizer, parts.scheduler, parts.train_loader
     model.train()
     total = min(len(loader), cfg.limit_batches or len(loader))
     losses = torch.zeros(total, device=accelerator.device)
@@ -173,6 +195,8 @@ def train_one_epoch(accelerator, cfg, model, optimizer, scheduler, loader, epoch
         rates.append(scheduler.get_last_lr()[0])  # the rate this step uses
         optimizer.step()
         scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update_parameters(accelerator.unwrap_model(model))
         losses[batch_num - 1] = loss.detach()
         bar.update()
         if batch_num % cfg.log_every == 0 and accelerator.is_main_process:
@@ -234,12 +258,13 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def save_epoch(out, accelerator, model, optimizer, scheduler, cfg, history: History, steps: int) -> None:
+def save_epoch(out, accelerator, cfg, parts: Parts, history: History, steps: int) -> None:
+    trained = accelerator.unwrap_model(parts.model)
     state = {
-        "model": accelerator.unwrap_model(model).state_dict(),
-        "model_config": accelerator.unwrap_model(model).config,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": accelerator.unwrap_model(parts.evaluated_model()).state_dict(),
+        "model_config": trained.config,
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
         "epoch": history.last_epoch,
         "wall_s": history.wall_s,
         "rng": checkpoint.rng_state(),
@@ -249,16 +274,20 @@ def save_epoch(out, accelerator, model, optimizer, scheduler, cfg, history: Hist
         "train_config": cfg.to_dict(),
         "processes": accelerator.num_processes,
     }
+    if parts.ema is not None:  # "model" holds the average, which is exported; training resumes from these
+        state.update(train_model=trained.state_dict(), ema=parts.ema.state_dict())
     checkpoint.save(checkpoint.checkpoint_path(out, history.last_epoch), state)
     # The checkpoint lands first: metrics never mention an epoch that cannot be resumed.
     atomic.write_jsonl(out / STEPS_JSONL, history.steps)
     atomic.write_jsonl(out / METRICS_JSONL, history.epochs)
 
 
-def restore(state, model, optimizer, scheduler) -> History:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+def restore(state, accelerator, parts: Parts) -> History:
+    accelerator.unwrap_model(parts.model).load_state_dict(state.get("train_model", state["model"]))
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(state["ema"])
     checkpoint.set_rng_state(state["rng"])
     return History(state["metrics"], state.get("steps", []), state["wall_s"], state["epoch"])
 
@@ -290,11 +319,11 @@ def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float
     timings = {"data_load_s": time.perf_counter() - data_started}
     accelerator.wait_for_everyone()  # every process has passed every check before the first write
 
-    model, optimizer, train_loader, test_loader, scheduler = build(cfg, accelerator, train_set, test_set)
-    describe_setup(accelerator, cfg, setup, accelerator.unwrap_model(model), train_set, test_set)
+    parts = build(cfg, accelerator, train_set, test_set)
+    describe_setup(accelerator, cfg, setup, accelerator.unwrap_model(parts.model), train_set, test_set)
     history = History()
     if resume_state is not None:
-        history = restore(resume_state, accelerator.unwrap_model(model), optimizer, scheduler)
+        history = restore(resume_state, accelerator, parts)
         accelerator.print(f"Resuming from {resume_state['path']} after epoch {history.last_epoch}")
     record = run_record(cfg, setup, accelerator)
     if accelerator.is_main_process:
@@ -302,35 +331,35 @@ def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float
     if setup.trackers:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(record))
     run_number = 1 + max((row.get("run", 1) for row in history.epochs), default=0)
-    warm_up(accelerator, cfg, model, train_set, test_set)
+    warm_up(accelerator, cfg, parts.model, train_set, test_set)
     timings["startup_s"] = time.perf_counter() - started  # everything before the first epoch, data included
 
     steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
     for epoch in range(history.last_epoch + 1, cfg.epochs + 1):
         accelerator.print(f"Epoch {epoch}\n--------------------")
-        train_loader.set_epoch(epoch)
+        parts.train_loader.set_epoch(epoch)
         synchronize(accelerator.device)
         t0 = time.perf_counter()
-        train_loss, images, rows = train_one_epoch(accelerator, cfg, model, optimizer, scheduler, train_loader, epoch)
+        train_loss, images, rows = train_one_epoch(accelerator, cfg, parts, epoch)
         synchronize(accelerator.device)
         epoch_s = time.perf_counter() - t0
         history.wall_s += epoch_s
         history.last_epoch = epoch
         history.steps += rows
-        metrics = evaluate(model, test_loader, accelerator.gather_for_metrics)
+        metrics = evaluate(parts.evaluated_model(), parts.test_loader, accelerator.gather_for_metrics)
         history.epochs.append({"epoch": epoch, "run": run_number, "train_loss": train_loss, **metrics,
                                "train_images": images, "images_per_s": images / epoch_s, "epoch_s": epoch_s,
                                "wall_s": history.wall_s})
         print_epoch(accelerator, history.epochs[-1])
         log_to_trackers(accelerator, rows, history.epochs[-1], epoch * steps)
         if accelerator.is_main_process:
-            save_epoch(out, accelerator, model, optimizer, scheduler, cfg, history, steps)
+            save_epoch(out, accelerator, cfg, parts, history, steps)
         accelerator.wait_for_everyone()
     return finish(out, accelerator, cfg, history, timings)
 
 
-def build(cfg, accelerator, train_set, test_set) -> tuple:
-    """Model, optimizer and loaders, prepared by Accelerate; the LR scheduler beside them."""
+def build(cfg, accelerator, train_set, test_set) -> Parts:
+    """Model, optimizer and loaders, prepared by Accelerate; the LR scheduler and weight average beside them."""
     model = CNN()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -342,7 +371,10 @@ def build(cfg, accelerator, train_set, test_set) -> tuple:
     model, optimizer, test_loader = accelerator.prepare(model, optimizer, test_loader)
     # Stepped by hand once per optimizer step: Accelerate's wrapper would step it once per process.
     steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
-    return model, optimizer, train_loader, test_loader, make_scheduler(cfg, optimizer, steps)
+    ema = None
+    if cfg.ema:  # every process applies the same all-reduced steps, so every copy of the average is the same
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+    return Parts(model, optimizer, make_scheduler(cfg, optimizer, steps), train_loader, test_loader, ema)
 
 
 def log_to_trackers(accelerator, step_rows_: list, epoch_row: dict, step: int) -> None:
@@ -367,7 +399,7 @@ def finish(out: Path, accelerator, cfg, history: History, timings: dict) -> dict
              "global_batch": cfg.batch_size * accelerator.num_processes, **timings}
     if accelerator.is_main_process:
         atomic.write_json(out / METRICS_JSON, final)
-        plots.training_curves(history.epochs, history.steps, out / report.CURVES)
+        plots.training_curves(history.epochs, history.steps, out / report.CURVES, cfg.label_smoothing)
     accelerator.print("Done!")
     return final
 

@@ -1,0 +1,31 @@
+"""Load benchmark of the HTTP server on loopback: 1, 8 and 32 clients, micro-batching on and off, in one run.
+
+    python jobs/bench_serve.py --model-dir artifacts/mnist --json benchmarks/serve-cpu.json
+
+Then `python jobs/perf_table.py` puts the table in the README.
+"""
+import click
+
+from mnist_dist import atomic
+from mnist_dist.serving.load_bench import CLIENTS, benchmark
+
+
+@click.command()
+@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False), help="An export folder.")
+@click.option("--clients", default=",".join(map(str, CLIENTS)), show_default=True,
+              help="Comma-separated numbers of concurrent clients.")
+@click.option("--seconds", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Measured time per setting, after a one-second warm-up.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="The server's --threads.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
+def main(model_dir, clients, seconds, threads, json_path):
+    if json_path:
+        atomic.check_output_file(json_path, "--json")
+    report = benchmark(model_dir, [int(c) for c in clients.split(",")], seconds, threads=threads, log=click.echo)
+    if json_path:
+        atomic.write_json(json_path, report)
+        click.echo(f"Wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

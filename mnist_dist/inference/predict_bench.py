@@ -1,0 +1,168 @@
+"""Benchmark of predict end to end on three kinds of input, at 1 and 2 processes, beside an earlier version.
+
+The sets are made from the MNIST test set, so every prediction can be scored:
+  * pngs:  20,000 small PNG files (28x28), the test set twice;
+  * jpegs: 2,000 phone-scan-like photos, 1024x768 RGB, a dark digit on light, noisy paper;
+  * npy:   one 1,000,000-row uint8 array (the test set 100 times), 784 MB on disk.
+Each run is a fresh command, as a user would start it. End to end is the command's wall time less
+its start-up (the same command on a single image), the faster of two runs against the fastest of
+three start-ups, the same way for every variant; peak memory is the largest resident set of any of
+its processes.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .. import sysinfo
+from ..data import mnist
+
+SETS = {"pngs": 20_000, "jpegs": 2_000, "npy": 1_000_000}
+QUICK_SETS = {"pngs": 200, "jpegs": 20, "npy": 10_000}  # a smoke run of the same code
+PHOTO = (1024, 768)
+RSS_PROBE = ("import json, resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+             "print(json.dumps({'code': code, 'max_rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}),"
+             " file=sys.stderr)")
+
+
+def make_sets(folder: Path, sizes: dict) -> dict:
+    """(inputs path, true labels) per set, written once into ``folder`` and reused."""
+    images, labels = (t.numpy() for t in mnist.load_split("test"))
+    made = {}
+    for name, n in sizes.items():
+        target = folder / f"{name}-{n}"
+        truth = labels[np.arange(n) % len(labels)]
+        if name == "npy":
+            target = folder / f"digits-{n}.npy"
+            if not target.exists():
+                write_big_array(target, images, n)
+        elif not (target / "done").exists():
+            target.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(0)
+            for i in range(n):
+                digit = images[i % len(images)]
+                if name == "pngs":
+                    Image.fromarray(digit).save(target / f"{i:05d}.png")
+                else:
+                    phone_scan(digit, rng).save(target / f"{i:05d}.jpg", quality=90)
+            (target / "done").write_text("")
+        made[name] = (target, truth)
+    return made
+
+
+def write_big_array(path: Path, images: np.ndarray, n: int, block: int = 50_000) -> None:
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *images.shape[1:]))
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        array[rows] = images[rows % len(images)]
+    array.flush()
+
+
+def phone_scan(digit: np.ndarray, rng) -> Image.Image:
+    """A dark digit written on light, slightly uneven paper, photographed at 1024x768."""
+    side = int(rng.integers(260, 420))
+    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), np.float32) / 255
+    paper = rng.uniform(200, 240, 3) * np.linspace(0.92, 1.0, PHOTO[0])[None, :, None]
+    page = np.broadcast_to(paper, (PHOTO[1], PHOTO[0], 3)).copy()
+    top, left = int(rng.integers(0, PHOTO[1] - side)), int(rng.integers(0, PHOTO[0] - side))
+    page[top : top + side, left : left + side] *= (1 - 0.85 * ink)[..., None]
+    page += rng.normal(0, 5, page.shape)
+    return Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.8))
+
+
+def timed(cmd: list, env: dict, cwd) -> tuple:
+    """(wall seconds, exit code, peak RSS in MB of the largest process the command started)."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_PROBE, *map(str, cmd)], env=env, cwd=cwd,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    probe = json.loads(proc.stderr.strip().splitlines()[-1])
+    if probe["code"] not in (0, 2):
+        raise RuntimeError(f"{cmd} failed:\n{proc.stderr[-2000:]}")
+    return wall, probe["code"], probe["max_rss_kb"] / 1024
+
+
+def variants(model: Path, predict_script: Path, processes: list, baseline_src) -> list:
+    """(name, command prefix, extra env, cwd) for the earlier version and for each process count."""
+    out = []
+    if baseline_src:
+        env = {"PYTHONPATH": str(Path(baseline_src).resolve())}
+        out.append(("baseline, 1 process", [sys.executable, "-m", "mnist_dist.cli", "predict"], env, baseline_src))
+    for n in processes:
+        several = ["--multi_gpu"] if n > 1 else []
+        launch = [sys.executable, "-m", "accelerate.commands.launch", *several, "--num_processes", n,
+                  "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", predict_script]
+        out.append((f"{n} process{'es' if n > 1 else ''}", launch, {"ACCELERATE_USE_CPU": "1"} if n > 1 else {},
+                    None))
+    return [(name, cmd + ["--model", model], env, cwd) for name, cmd, env, cwd in out]
+
+
+def accuracy(csv_path: Path, truth: np.ndarray) -> float:
+    with open(csv_path) as f:
+        predictions = [int(row["prediction"]) if row["prediction"] else -1 for row in csv.DictReader(f)]
+    return float((np.array(predictions) == truth).mean())
+
+
+def benchmark(model, predict_script, work_dir, sizes: dict, processes, baseline_src=None, log=print,
+              repeats: int = 2) -> dict:
+    work_dir = Path(work_dir)
+    sets = make_sets(work_dir, sizes)
+    single = work_dir / "one.png"
+    Image.fromarray(mnist.load_split("test")[0][0].numpy()).save(single)
+    results = []
+    for name, cmd, extra_env, cwd in variants(Path(model).resolve(), Path(predict_script).resolve(), processes,
+                                              baseline_src):
+        env = dict(os.environ, **extra_env)
+        with tempfile.TemporaryDirectory() as tmp:
+            startup = min(timed([*cmd, single, "--out", Path(tmp) / "one.csv"], env, cwd)[0] for _ in range(3))
+            for set_name, (inputs, truth) in sets.items():
+                log(f"{name}: {set_name}")
+                out = Path(tmp) / f"{set_name}.csv"
+                wall, code, rss = min(timed([*cmd, inputs, "--out", out], env, cwd) for _ in range(repeats))
+                results.append({"variant": name, "set": set_name, "inputs": len(truth), "wall_s": wall,
+                                "startup_s": startup, "images_per_s": len(truth) / max(wall - startup, 1e-9),
+                                "peak_rss_mb": rss, "accuracy": accuracy(out, truth), "exit_code": code})
+                log(f"  {results[-1]['images_per_s']:.0f} images/s, peak {rss:.0f} MB, "
+                    f"accuracy {100 * results[-1]['accuracy']:.2f}%")
+    return {"benchmark": "predict", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
+            "versions": sysinfo.versions("torch", "onnxruntime", "numpy", "pillow", "accelerate"),
+            "settings": {"model": str(model), "sets": sizes, "processes": processes,
+                         "baseline": str(baseline_src) if baseline_src else None,
+                         "end_to_end": "wall time less the same command's start-up on one image; the faster of "
+                                       f"{repeats} runs, the fastest of 3 start-ups"},
+            "results": results, "speedups": speedups(results)}
+
+
+def speedups(results: list) -> list:
+    base = {r["set"]: r for r in results if r["variant"].startswith("baseline")}
+    return [{"variant": r["variant"], "set": r["set"], "vs_baseline": r["images_per_s"] / base[r["set"]]["images_per_s"]}
+            for r in results if r["set"] in base and not r["variant"].startswith("baseline")]
+
+
+def format_table(report: dict) -> str:
+    lines = ["| set | variant | images/s end to end | vs baseline | peak RSS per process | accuracy |",
+             "|---|---|---|---|---|---|"]
+    ratio = {(s["variant"], s["set"]): s["vs_baseline"] for s in report["speedups"]}
+    for r in sorted(report["results"], key=lambda r: list(SETS).index(r["set"])):
+        vs = ratio.get((r["variant"], r["set"]))
+        lines.append(f"| {r['set']} ({r['inputs']:,}) | {r['variant']} | {r['images_per_s']:,.0f} | "
+                     f"{'-' if vs is None else f'{vs:.2f}x'} | {r['peak_rss_mb']:,.0f} MB | "
+                     f"{100 * r['accuracy']:.2f}% |")
+    return "\n".join(lines)
+
+
+def readme_table(reports: list) -> str:
+    lines = []
+    for report in reports:
+        m = report["machine"]
+        lines += [f"**{m['cpu']} ({m.get('cpu_capability', '?')}), {m['cores']} cores**, from {report['_source']}; "
+                  f"baseline: the previous `predict` (one process, no decode threads, arrays loaded whole):", "",
+                  format_table(report), ""]
+    return "\n".join(lines).rstrip()
