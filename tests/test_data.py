@@ -162,8 +162,12 @@ def test_one_process_sees_every_image_once_per_epoch():
 
 
 def test_a_built_wheel_carries_the_bundled_mnist(tmp_path):
+    # From a copy without the editable install's egg-info, whose file list would otherwise smuggle the data in.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "__pycache__",
+                                                                  ".pytest_cache", "runs", "artifacts"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path,
-                    ROOT], check=True, capture_output=True)
+                    source], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("mnist_dist-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     bundled = {f"mnist_dist/data/bundled/{name}.gz" for name in PUBLISHED_MD5} | {

@@ -218,7 +218,8 @@ def test_image_kinds_people_send(exported_model, test_digits, tmp_path):
             "rgba.png": Image.fromarray(rgba, "RGBA"),
             "palette.gif": big.convert("P"),
             "gray.bmp": big,
-            "sixteen.png": Image.fromarray(np.asarray(big).astype(np.uint16) * 257),  # mode I;16
+            # Dark ink on light paper in 16 bits: clipped to 8 bits instead of scaled, all of it would be white.
+            "sixteen.png": Image.fromarray((60_000 - np.asarray(big).astype(np.uint16) * 196).astype(np.uint16)),
         }
         for name, img in kinds.items():
             files.append(tmp_path / f"{i}_{name}")

@@ -38,9 +38,10 @@ def test_one_and_two_processes_write_the_same_bytes(exported_model, digit_folder
         out = tmp_path / f"{processes}.csv"
         # Chunks of 3: 32 inputs make 11 chunks, split 6 + 5, the last one short.
         proc = predict_job(digit_folder, "--model", exported_model / "model.onnx", "--out", out, "--chunk-size", 3,
-                           processes=processes)
+                           "--summary", tmp_path / "summary.json", processes=processes)
         assert proc.returncode != 0  # the broken file failed, under the launcher too
         outputs[processes] = out.read_bytes()
+        assert json.loads((tmp_path / "summary.json").read_text())["labelled_now"] == 32  # each input once
         assert not (tmp_path / f".{out.name}.parts").exists()
     assert outputs[1] == outputs[2]
     lines = outputs[1].decode().splitlines()
