@@ -8,12 +8,7 @@ output; the main process then joins the chunks, in order, into one file. The
 chunking does not depend on the number of processes, so 1, 2 or 16 processes,
 and a run resumed after a kill, all write the same bytes.
 """
-import csv
-import io
-import json
-import shutil
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,13 +21,11 @@ from .. import atomic, launch
 from ..errors import UserError
 from ..exporting import manifest as manifest_lib
 from ..exporting.manifest import image_size
-from ..scores import softmax
 from . import runtimes
-from .inputs import Framing, InputIndex, Item
+from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
+from .inputs import Framing, InputIndex
+from .outputs import Format, rows_for
 
-COLUMNS = ("input", "prediction", "confidence", "top3", "error")
-CHUNK = 4096  # inputs per chunk at most: the unit of memory, of progress and of resuming
-MIN_CHUNKS = 64  # a small job still splits this finely: every process gets work, and decoding overlaps labelling
 PROGRESS_FROM = 1000  # inputs; fewer finish too fast for a bar to help
 MODEL_SUFFIXES = (".onnx", ".ts", ".pt2")
 
@@ -126,22 +119,6 @@ def model_batch(items: list, contract: dict) -> tuple:
     return good, manifest_lib.model_input(pixels, contract)
 
 
-def rows_for(items: list, good: list, logits, classes: list, probabilities: bool = False) -> list:
-    """One row per item, in order: the model's answer for the good ones, the error for the others.
-    With ``probabilities``, each row also carries all of them, one per class."""
-    scores = np.zeros((len(items), len(classes)))
-    if good:
-        scores[good] = softmax(logits)
-    # The top three of every row at once, then plain Python numbers: per row, numpy calls cost more than the work.
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
-    top_scores = np.take_along_axis(scores, top, axis=1).tolist()
-    names = [int(c) for c in classes]
-    rows = [make_row(item, [names[c] for c in top_row], p) for item, top_row, p in zip(items, top.tolist(), top_scores)]
-    if probabilities:
-        rows = [{**row, "probabilities": None if row["error"] else scores[i].tolist()} for i, row in enumerate(rows)]
-    return rows
-
-
 def label(items: list, model: Model, batch_size: int) -> tuple:
     """(one row per item, in order; seconds spent in the model). Failed items keep their error."""
     good, batch = model_batch(items, model.manifest)
@@ -152,53 +129,6 @@ def label(items: list, model: Model, batch_size: int) -> tuple:
         seconds += time.perf_counter() - t0
     logits = np.concatenate(logits) if logits else np.zeros((0, len(model.manifest["classes"])), np.float32)
     return rows_for(items, good, logits, model.manifest["classes"]), seconds
-
-
-def make_row(item: Item, top_classes: list, top_scores: list) -> dict:
-    """predict's output row: the best class and its probability, the three best, or the item's error."""
-    if item.error:
-        return {"input": item.name, "prediction": None, "confidence": None, "top3": [], "error": item.error}
-    return {"input": item.name, "prediction": top_classes[0], "confidence": top_scores[0],
-            "top3": [[c, p] for c, p in zip(top_classes, top_scores)], "error": ""}
-
-
-class Format:
-    """CSV, or a JSON array (--out *.json), written piece by piece: the same bytes however it is split."""
-
-    def __init__(self, out):
-        self.json = out is not None and Path(out).suffix.lower() == ".json"
-        self.name = "json" if self.json else "csv"
-
-    def head(self) -> str:
-        return "[\n" if self.json else ",".join(COLUMNS) + "\n"
-
-    def body(self, rows: list) -> str:
-        if self.json:
-            return ",\n".join(textwrap.indent(json.dumps(row, indent=1), " ") for row in rows)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        for row in rows:
-            writer.writerow({**row, "confidence": "" if row["confidence"] is None else f"{row['confidence']:.6f}",
-                             "prediction": "" if row["prediction"] is None else row["prediction"],
-                             "top3": " ".join(f"{d}:{p:.4f}" for d, p in row["top3"])})
-        return buffer.getvalue()
-
-    def join(self, bodies) -> str:
-        return ",\n".join(bodies) if self.json else "".join(bodies)
-
-    def tail(self) -> str:
-        return "\n]\n" if self.json else ""
-
-    def whole(self, rows: list) -> str:
-        return self.head() + self.body(rows) + self.tail()
-
-
-def to_csv(rows: list) -> str:
-    return Format(None).whole(rows)
-
-
-def write(rows: list, out) -> None:
-    atomic.write_text(out, Format(out).whole(rows))
 
 
 def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, show_progress=True,
@@ -234,81 +164,6 @@ def describe(summary: dict, out=None) -> str:
     return (f"{summary['inputs']} inputs, {summary['failed']} failed, {summary['images_per_s']:.0f} images/s end to "
             f"end ({summary['model_images_per_s']:.0f} images/s in the model alone), {summary['processes']} "
             f"process(es){memory}; {'; '.join(summary['runtimes'])}" + (f"; wrote {out}" if out else ""))
-
-
-def chunk_size(total: int, largest: int = CHUNK) -> int:
-    """Inputs per chunk for a job of ``total``: at most ``largest``, and small enough for MIN_CHUNKS chunks (but
-    not under 64 inputs, where a chunk's own costs would show). It depends on the inputs alone, never on the
-    number of processes, so a run may be resumed on another number of them."""
-    return max(1, min(largest, max(64, -(-total // MIN_CHUNKS))))
-
-
-def chunk_ranges(total: int, chunk: int = CHUNK) -> list:
-    """(chunk number, first index, last index + 1) of every chunk: fixed, whatever the number of processes."""
-    return [(k, start, min(start + chunk, total)) for k, start in enumerate(range(0, total, chunk))]
-
-
-class ChunkStore:
-    """Finished chunks of a job, each an atomic file in a hidden folder beside the output.
-
-    A chunk file starts with one JSON line (its index range, rows and failures), then its text. The
-    folder's job.json names the inputs, the model and the options, so that --resume never mixes runs.
-    """
-
-    def __init__(self, out: Path, identity: dict, total: int, chunk: int = CHUNK):
-        self.out, self.identity, self.total, self.chunk = out, identity, total, chunk
-        self.folder = out.parent / f".{out.name}.parts"
-
-    def ranges(self) -> list:
-        return chunk_ranges(self.total, self.chunk)
-
-    def path(self, k: int) -> Path:
-        return self.folder / f"{k:08d}.part"
-
-    def check_resumable(self) -> bool:
-        """True if there is a run of this very job to resume; UserError if the folder belongs to another."""
-        job = self.folder / "job.json"
-        if not job.is_file():
-            return False
-        recorded = json.loads(job.read_text())
-        changed = [key for key in self.identity if recorded.get(key) != self.identity[key]]
-        if changed:
-            raise UserError(f"--resume: the unfinished run for {self.out} had other {', '.join(changed)}; "
-                            f"run without --resume to start afresh")
-        return True
-
-    def start(self, resume: bool) -> None:
-        """On the main process: keep the finished chunks when resuming, else begin an empty folder."""
-        if not resume and self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(exist_ok=True)
-        atomic.write_json(self.folder / "job.json", self.identity)
-
-    def done(self, k: int) -> bool:
-        return self.path(k).is_file()
-
-    def failures(self, k: int) -> int:
-        with open(self.path(k)) as f:
-            return json.loads(f.readline())["failed"]
-
-    def save(self, k: int, start: int, stop: int, rows: list, text: str) -> None:
-        header = {"start": start, "stop": stop, "rows": len(rows), "failed": sum(1 for r in rows if r["error"])}
-        atomic.write_text(self.path(k), json.dumps(header) + "\n" + text)
-
-    def merge(self, fmt: Format) -> None:
-        """Join every chunk, in order, into the output (atomically), then drop the folder."""
-        with atomic.atomic_path(self.out) as tmp, open(tmp, "w") as f:
-            f.write(fmt.head())
-            for k, start, stop in self.ranges():
-                with open(self.path(k)) as part:
-                    header = json.loads(part.readline())
-                    if (header["start"], header["stop"], header["rows"]) != (start, stop, stop - start):
-                        raise UserError(f"{self.path(k)} does not hold inputs {start}..{stop - 1}: start afresh")
-                    if k and fmt.json:
-                        f.write(",\n")
-                    shutil.copyfileobj(part, f)
-            f.write(fmt.tail())
-        shutil.rmtree(self.folder)
 
 
 @dataclass
@@ -371,14 +226,6 @@ def _run_job(opts: JobOptions, accelerator, echo) -> dict:
     summary = summarise(index.total, stats["failed"], stats["labelled"], time.perf_counter() - started,
                         stats["model_images_per_s"], stats["runtimes"])
     return {**summary, "peak_rss_mb": stats["peak_rss_mb"]}
-
-
-def share(ranges: list, accelerator) -> list:
-    """This process's contiguous run of chunks (earlier processes take one more when they do not divide)."""
-    n, p = accelerator.num_processes, accelerator.process_index
-    per, extra = divmod(len(ranges), n)
-    first = p * per + min(p, extra)
-    return ranges[first : first + per + (p < extra)]
 
 
 def label_ranges(opts, index, model, store, todo, accelerator, echo) -> tuple:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import UserError
 from ..exporting import manifest as manifest_lib
-from ..inference import predict
+from ..inference import outputs, predict
 from ..inference.inputs import Framing, array_item, image_item
 from .batching import MicroBatcher, Unbatched
 
@@ -156,7 +156,7 @@ async def answer(request: Request):
         return items
     good, batch = predict.model_batch(items, served.model.manifest)
     logits = await request.app.state.batcher(batch) if good else None
-    rows = predict.rows_for(items, good, logits, served.model.manifest["classes"], probabilities=True)
+    rows = outputs.rows_for(items, good, logits, served.model.manifest["classes"], probabilities=True)
     with_image = request.query_params.get("return_image", "").lower() in TRUE
     results = [with_seen_image(row, item) if with_image else row for row, item in zip(rows, items)]
     if not good:  # nothing could be read: the request itself is bad
