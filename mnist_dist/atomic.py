@@ -54,7 +54,7 @@ def check_output_file(path, option: str) -> Path:
         raise UserError(f"{option} {path}: the folder {path.parent} does not exist")
     if not parent.is_dir():
         raise UserError(f"{option} {path}: {path.parent} is not a folder")
-    check_folder_writable(path.absolute().parent, option)
+    check_folder_writable(parent, option)
     return path
 
 

@@ -77,32 +77,39 @@ def load_split(split: str, data_dir=None, download: bool = True, source: Optiona
     """(images uint8 [N,28,28], labels int64 [N]) of 'train' or 'test', from ``source`` or the one found."""
     source = source or find_source(data_dir)
     images_name, labels_name, count = SPLITS[split]
+    names = (images_name, labels_name)
     if source.root is None:
-        read, where = read_bundled, "the bundled MNIST copy"
+        where = "the bundled MNIST copy"
+        files = {name: (read_bundled(name), f"{name} in {where}") for name in names}  # (bytes, name in messages)
     else:
         ensure_files(source.root, split, download)
-        read, where = (lambda name: raw_folder(source.root) / name), str(raw_folder(source.root))
-    images = checked(read(images_name), images_name, idx.IMAGES_MAGIC, (count, *IMAGE_SHAPE), where)
-    labels = checked(read(labels_name), labels_name, idx.LABELS_MAGIC, (count,), where)
+        where = str(raw_folder(source.root))
+        files = {name: (read_file(raw_folder(source.root) / name), str(raw_folder(source.root) / name))
+                 for name in names}
+    images = checked(*files[images_name], idx.IMAGES_MAGIC, (count, *IMAGE_SHAPE), where)
+    labels = checked(*files[labels_name], idx.LABELS_MAGIC, (count,), where)
     if labels.size and labels.max() > 9:
         raise UserError(f"MNIST {split} labels in {where} are corrupt (values outside 0-9)")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
-def checked(blob, name: str, magic: int, shape: tuple, where: str) -> np.ndarray:
-    """Parse one IDX file (a path or bytes) and insist on MNIST's layout."""
-    path = blob if isinstance(blob, Path) else None
-    label = str(path) if path else f"{name} in {where}"
+def read_file(path: Path) -> bytearray:
+    """A raw IDX file's bytes; a bytearray, which is writable, so the tensors made from it share its memory."""
     try:
-        raw = bytearray(path.read_bytes()) if path else blob  # bytearray: writable, so torch shares it
+        return bytearray(path.read_bytes())
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from e
+
+
+def checked(raw: bytearray, label: str, magic: int, shape: tuple, where: str) -> np.ndarray:
+    """Parse one IDX file held in memory and insist on MNIST's layout; ``label`` names it in messages."""
+    try:
         got_magic, dims, _ = idx.parse_header(raw, len(raw))
         if (got_magic, dims) != (magic, shape):
             raise idx.IdxError(f"magic {got_magic}, shape {dims}; expected magic {magic}, shape {shape}")
         return idx.from_bytes(raw)
     except idx.IdxError as e:
         raise UserError(f"{label} is corrupt or truncated ({e}): " + HOW_TO_SUPPLY.format(raw=where)) from e
-    except OSError as e:
-        raise UserError(f"{label} cannot be read ({e.strerror or e})") from e
 
 
 @lru_cache(maxsize=None)

@@ -217,7 +217,7 @@ def _run_job(opts: JobOptions, accelerator, echo) -> dict:
     mine = share(chunk_ranges(index.total, chunk), accelerator)
     finished = [r for r in mine if store is not None and store.done(r[0])]  # by the run being resumed
     todo = [r for r in mine if r not in finished]
-    labelled, failed, model_s = label_ranges(opts, index, model, store, todo, accelerator, echo)
+    labelled, failed, model_s = label_ranges(opts, index, model, store, todo, accelerator, echo, fmt, threads)
     failed += sum(store.failures(k) for k, _, _ in finished)
     accelerator.wait_for_everyone()
     stats = gather_stats(accelerator, labelled, failed, model_s, model.runtime)
@@ -228,15 +228,14 @@ def _run_job(opts: JobOptions, accelerator, echo) -> dict:
     return {**summary, "peak_rss_mb": stats["peak_rss_mb"]}
 
 
-def label_ranges(opts, index, model, store, todo, accelerator, echo) -> tuple:
+def label_ranges(opts, index, model, store, todo, accelerator, echo, fmt: Format, threads: int) -> tuple:
     """Label this process's ranges, decoding the next while the model labels the current one."""
     total = sum(stop - start for _, start, stop in todo)
     bar = launch.progress_bar(total, "predict", opts.show_progress and accelerator.is_main_process
                               and total >= PROGRESS_FROM)
     labelled = failed = 0
     model_s = 0.0
-    fmt = Format(opts.out)
-    workers = opts.workers or launch.choose_threads(opts.threads)[0]
+    workers = opts.workers or threads
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = index.read_later(todo[0][1], todo[0][2], pool, workers) if todo else None
         for position, (k, start, stop) in enumerate(todo):

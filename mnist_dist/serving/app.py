@@ -142,7 +142,7 @@ async def answer(request: Request):
     served = request.app.state.served
     invert = request.query_params.get("invert", "auto")
     if invert not in INVERT:
-        return JSONResponse({"error": f"invert must be one of {', '.join(INVERT)}"}, status_code=422)
+        raise HTTPException(422, f"invert must be one of {', '.join(INVERT)}")
     framing = served.framing(invert)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -150,10 +150,8 @@ async def answer(request: Request):
     elif kind == "application/json":
         items = await json_items(request, framing)
     else:
-        return JSONResponse({"error": "send multipart/form-data with fields named 'file', or application/json "
-                                      "{\"images\": [...]}"}, status_code=415)
-    if isinstance(items, JSONResponse):
-        return items
+        raise HTTPException(415, "send multipart/form-data with fields named 'file', or application/json "
+                                 "{\"images\": [...]}")
     good, batch = predict.model_batch(items, served.model.manifest)
     logits = await request.app.state.batcher(batch) if good else None
     rows = outputs.rows_for(items, good, logits, served.model.manifest["classes"], probabilities=True)
@@ -176,7 +174,7 @@ async def uploaded_items(request: Request, framing: Framing):
     form = await request.form(max_files=MAX_IMAGES, max_fields=MAX_IMAGES)
     uploads = [(key, value) for key, value in form.multi_items() if key == "file"]
     if not uploads:
-        return JSONResponse({"error": "no field named 'file' in the form"}, status_code=422)
+        raise HTTPException(422, "no field named 'file' in the form")
     items = []
     for i, (_, upload) in enumerate(uploads):
         if isinstance(upload, str):
@@ -195,12 +193,12 @@ async def json_items(request: Request, framing: Framing):
     try:
         body = await request.json()
     except ValueError:
-        return JSONResponse({"error": "the body is not valid JSON"}, status_code=422)
+        raise HTTPException(422, "the body is not valid JSON")
     images = body.get("images") if isinstance(body, dict) else None
     if not isinstance(images, list) or not images:
-        return JSONResponse({"error": "expected {\"images\": [one or more 28x28 arrays]}"}, status_code=422)
+        raise HTTPException(422, "expected {\"images\": [one or more 28x28 arrays]}")
     if len(images) > MAX_IMAGES:
-        return JSONResponse({"error": f"at most {MAX_IMAGES} images per request"}, status_code=413)
+        raise HTTPException(413, f"at most {MAX_IMAGES} images per request")
     return [array_item(i, f"images[{i}]", values, framing) for i, values in enumerate(images)]
 
 

@@ -319,7 +319,8 @@ def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float
     timings = {"data_load_s": time.perf_counter() - data_started}
     accelerator.wait_for_everyone()  # every process has passed every check before the first write
 
-    parts = build(cfg, accelerator, train_set, test_set)
+    steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
+    parts = build(cfg, accelerator, train_set, test_set, steps)
     describe_setup(accelerator, cfg, setup, accelerator.unwrap_model(parts.model), train_set, test_set)
     history = History()
     if resume_state is not None:
@@ -334,7 +335,6 @@ def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float
     warm_up(accelerator, cfg, parts.model, train_set, test_set)
     timings["startup_s"] = time.perf_counter() - started  # everything before the first epoch, data included
 
-    steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
     for epoch in range(history.last_epoch + 1, cfg.epochs + 1):
         accelerator.print(f"Epoch {epoch}\n--------------------")
         parts.train_loader.set_epoch(epoch)
@@ -358,7 +358,7 @@ def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float
     return finish(out, accelerator, cfg, history, timings)
 
 
-def build(cfg, accelerator, train_set, test_set) -> Parts:
+def build(cfg, accelerator, train_set, test_set, steps: int) -> Parts:
     """Model, optimizer and loaders, prepared by Accelerate; the LR scheduler and weight average beside them."""
     model = CNN()
     if cfg.channels_last:
@@ -370,7 +370,6 @@ def build(cfg, accelerator, train_set, test_set) -> Parts:
     test_loader = batches.make_loader(test_set, cfg.eval_batch_size, shuffle=False)
     model, optimizer, test_loader = accelerator.prepare(model, optimizer, test_loader)
     # Stepped by hand once per optimizer step: Accelerate's wrapper would step it once per process.
-    steps = steps_per_epoch(cfg.batch_size, accelerator.num_processes, cfg.limit_batches)
     ema = None
     if cfg.ema:  # every process applies the same all-reduced steps, so every copy of the average is the same
         ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
