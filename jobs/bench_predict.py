@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from mnist_dist import atomic
-from mnist_dist.inference.predict_bench import QUICK_SETS, SETS, benchmark, format_table
+from mnist_dist.bench.predict import QUICK_SETS, SETS, benchmark, format_table
 
 PREDICT_SCRIPT = Path(__file__).resolve().with_name("predict.py")
 

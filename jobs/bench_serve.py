@@ -7,7 +7,7 @@ Then `python jobs/perf_table.py` puts the table in the README.
 import click
 
 from mnist_dist import atomic
-from mnist_dist.serving.load_bench import CLIENTS, benchmark
+from mnist_dist.bench.serve import CLIENTS, benchmark
 
 
 @click.command()

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mnist_dist import atomic
-from mnist_dist.training.benchmark import LAUNCHERS, benchmark, format_table
+from mnist_dist.bench.train import LAUNCHERS, benchmark, format_table
 
 TRAIN_SCRIPT = Path(__file__).resolve().with_name("train.py")
 

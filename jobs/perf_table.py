@@ -17,14 +17,14 @@ from mnist_dist.atomic import write_text
 # table name -> (renderer "module:function", the reports behind it, newest machine first)
 TABLES = {
     "presets": ("mnist_dist.training.config:readme_table", []),
-    "perf": ("mnist_dist.training.benchmark:readme_table",
+    "perf": ("mnist_dist.bench.train:readme_table",
              ["benchmarks/train-cpu-avx512.json", "benchmarks/train-cpu-avx512-fp32.json",
               "benchmarks/train-cpu-avx512-best.json", "benchmarks/train-cpu-avx512-launchers.json",
               "benchmarks/train-cpu-avx2.json", "benchmarks/train-cpu-avx2-best.json", "benchmarks/train-h100.json"]),
-    "inference": ("mnist_dist.inference.bench:readme_table",
+    "inference": ("mnist_dist.bench.inference:readme_table",
                   ["benchmarks/inference-cpu-avx512.json", "benchmarks/inference-cpu-avx2.json"]),
-    "predict": ("mnist_dist.inference.predict_bench:readme_table", ["benchmarks/predict-cpu-avx512.json"]),
-    "serve": ("mnist_dist.serving.load_bench:readme_table", ["benchmarks/serve-cpu-avx512.json"]),
+    "predict": ("mnist_dist.bench.predict:readme_table", ["benchmarks/predict-cpu-avx512.json"]),
+    "serve": ("mnist_dist.bench.serve:readme_table", ["benchmarks/serve-cpu-avx512.json"]),
 }
 
 

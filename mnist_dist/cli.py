@@ -254,7 +254,7 @@ def csv_list(kind, minimum=None, choices=None):
 
 
 def bench_runtimes() -> tuple:
-    from .inference.bench import RUNTIMES
+    from .bench.inference import RUNTIMES
 
     return RUNTIMES + ("available",)
 
@@ -285,7 +285,7 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
     from pathlib import Path
 
     from . import atomic
-    from .inference import bench as bench_lib
+    from .bench import inference as bench_lib
     from .reports import report as report_lib
 
     if json_path:

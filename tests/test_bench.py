@@ -3,7 +3,7 @@ import json
 import sys
 import time
 
-from mnist_dist.inference import bench
+from mnist_dist.bench import inference as bench
 from mnist_dist.model import CNN
 from mnist_dist.reports import plots
 
@@ -59,7 +59,7 @@ def test_int8_manifest_entry(exported_model):
     manifest = json.loads((exported_model / "manifest.json").read_text())
     assert manifest["artifacts"]["int8"] == "model.int8.onnx"
     assert manifest["int8"]["calibration"]["split"] == "train"
-    from mnist_dist.exporting.manifest import sha256
+    from mnist_dist.inference.manifest import sha256
 
     assert manifest["files"]["model.int8.onnx"]["sha256"] == sha256(exported_model / "model.int8.onnx")
     assert abs(manifest["int8"]["accuracy"] - manifest["pytorch_test_accuracy"]) < 0.01

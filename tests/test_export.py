@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mnist_dist.cli import main
 from mnist_dist.errors import UserError
-from mnist_dist.exporting import manifest as manifest_lib
+from mnist_dist.inference import manifest as manifest_lib
 from mnist_dist.model import CNN
 
 from conftest import run, sigkill_when

@@ -6,8 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mnist_dist.data import mnist
-from mnist_dist.exporting.manifest import model_input
-from mnist_dist.inference import bench, predict, runtimes
+from mnist_dist.inference.manifest import model_input
+from mnist_dist.bench import inference as bench
+from mnist_dist.inference import predict, runtimes
 from mnist_dist.serving.app import ServeOptions, create_app, load
 
 from conftest import cpu_env, run

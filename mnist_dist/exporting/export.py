@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..inference.runtimes import load_reference, quiet_torchscript
 from ..model import IMAGE_SIZE
 from ..training import checkpoint
-from . import manifest as manifest_lib
+from ..inference import manifest as manifest_lib
 from .validate import ATOL, BATCH_SIZES, RTOL, check_onnx_file, test_images, validate_artifacts
 
 

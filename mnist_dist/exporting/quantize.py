@@ -14,7 +14,7 @@ from ..data import mnist
 from ..errors import UserError
 from ..inference import runtimes
 from ..scores import accuracy
-from . import manifest as manifest_lib
+from ..inference import manifest as manifest_lib
 from .validate import test_images
 
 INT8_FILE = "model.int8.onnx"

@@ -7,7 +7,7 @@ from ..data import mnist
 from ..errors import UserError
 from ..inference import runtimes
 from ..scores import accuracy
-from . import manifest as manifest_lib
+from ..inference import manifest as manifest_lib
 
 RTOL, ATOL = 1e-3, 1e-5
 BATCH_SIZES = (1, 7, 10_000)

@@ -1,7 +1,7 @@
 """Make users' images look like MNIST: grayscale, white digit on black, fitted in a box, centred by mass.
 
 The sizes (28x28 images, digits fitted in 20x20, for MNIST) come from the
-model's manifest; see ``exporting.manifest.image_size`` and ``digit_box``.
+model's manifest; see ``inference.manifest.image_size`` and ``digit_box``.
 """
 from pathlib import Path
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import atomic, launch
 from ..errors import UserError
-from ..exporting import manifest as manifest_lib
-from ..exporting.manifest import image_size
+from . import manifest as manifest_lib
+from .manifest import image_size
 from . import runtimes
 from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
 from .inputs import Framing, InputIndex

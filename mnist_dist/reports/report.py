@@ -7,7 +7,7 @@ import numpy as np
 from .. import atomic
 from ..data import mnist
 from ..errors import UserError
-from ..exporting import manifest as manifest_lib
+from ..inference import manifest as manifest_lib
 from ..inference import runtimes
 from ..scores import softmax
 from . import plots

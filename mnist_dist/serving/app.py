@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import UserError
-from ..exporting import manifest as manifest_lib
+from ..inference import manifest as manifest_lib
 from ..inference import outputs, predict
 from ..inference.inputs import Framing, array_item, image_item
 from .batching import MicroBatcher, Unbatched

@@ -151,7 +151,7 @@ def run_pipeline(name: str, train_script, train_args: list, processes: int, laun
 def benchmark(train_script, data_dir, quick: bool, presets: list, processes: list, tutorial_epochs: int,
               extra_args: list, launchers=("accelerate",), seeds=(0,)) -> dict:
     """The tutorial, then each preset x process count x launcher x seed, all in this one invocation."""
-    from .config import PRESETS
+    from ..training.config import PRESETS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     limit = ["--limit-batches", 30, "--epochs", 1] if quick else []

@@ -12,10 +12,10 @@ import torch
 
 from .. import sysinfo
 from ..errors import UserError
-from ..exporting import manifest as manifest_lib
+from ..inference import manifest as manifest_lib
 from ..exporting.quantize import INT8_FILE
 from ..exporting.validate import test_images
-from . import runtimes
+from ..inference import runtimes
 
 BATCH_SIZES = (1, 64, 1024, 10_000)
 RUNTIMES = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8", "pytorch-eager",
