@@ -24,12 +24,14 @@ PREDICT_SCRIPT = Path(__file__).resolve().with_name("predict.py")
               default=str(Path(tempfile.gettempdir()) / "mnist-dist-predict-sets"), show_default=True,
               help="Where the input sets are written (about 1.2 GB) and kept for the next run.")
 @click.option("--sets", default=",".join(SETS), show_default=True, help="Comma-separated sets to run.")
-@click.option("--processes", default="1,2", show_default=True, help="Comma-separated process counts.")
+@click.option("--processes", default="1,2", show_default=True,
+              help="Comma-separated process counts under `accelerate launch`; 'plain' is one process without it.")
 @click.option("--baseline-src", type=click.Path(exists=True, file_okay=False),
               help="A checkout of an earlier mnist-dist whose `predict` runs first, for comparison.")
 @click.option("--quick", is_flag=True, help="Small sets: checks the benchmark runs, measures little.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
-def main(model, work_dir, sets, processes, baseline_src, quick, json_path):
+@click.option("--baseline-note", default="", help="What the baseline is, for the README's table.")
+def main(model, work_dir, sets, processes, baseline_src, quick, json_path, baseline_note):
     names = [s for s in sets.split(",") if s]
     if set(names) - set(SETS):
         raise click.BadParameter(f"choose from {', '.join(SETS)}", param_hint="--sets")
@@ -37,8 +39,9 @@ def main(model, work_dir, sets, processes, baseline_src, quick, json_path):
         atomic.check_output_file(json_path, "--json")
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     sizes = {name: (QUICK_SETS if quick else SETS)[name] for name in names}
-    report = benchmark(model, PREDICT_SCRIPT, work_dir, sizes, [int(n) for n in processes.split(",")], baseline_src,
-                       log=click.echo, repeats=1 if quick else 2)
+    counts = [n if n == "plain" else int(n) for n in processes.split(",")]
+    report = benchmark(model, PREDICT_SCRIPT, work_dir, sizes, counts, baseline_src,
+                       log=click.echo, repeats=1 if quick else 2, baseline_note=baseline_note)
     click.echo(format_table(report))
     if json_path:
         atomic.write_json(json_path, report)

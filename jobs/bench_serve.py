@@ -1,6 +1,8 @@
-"""Load benchmark of the HTTP server on loopback: 1, 8 and 32 clients, micro-batching on and off, in one run.
+"""Load benchmark of the HTTP server on loopback: 1, 8 and 32 clients, micro-batching on and off, in one run, with
+each server's start-up (to its first answer) and peak memory; beside an earlier version when one is given.
 
-    python jobs/bench_serve.py --model-dir artifacts/mnist --json benchmarks/serve-cpu.json
+    python jobs/bench_serve.py --model-dir artifacts/mnist --json benchmarks/serve-cpu.json \
+        --baseline-src /path/to/older/checkout
 
 Then `python jobs/perf_table.py` puts the table in the README.
 """
@@ -17,11 +19,14 @@ from mnist_dist.bench.serve import CLIENTS, benchmark
 @click.option("--seconds", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Measured time per setting, after a one-second warm-up.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The server's --threads.")
+@click.option("--baseline-src", type=click.Path(exists=True, file_okay=False),
+              help="A checkout of an earlier mnist-dist whose server runs first, for comparison.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
-def main(model_dir, clients, seconds, threads, json_path):
+def main(model_dir, clients, seconds, threads, baseline_src, json_path):
     if json_path:
         atomic.check_output_file(json_path, "--json")
-    report = benchmark(model_dir, [int(c) for c in clients.split(",")], seconds, threads=threads, log=click.echo)
+    report = benchmark(model_dir, [int(c) for c in clients.split(",")], seconds, threads=threads,
+                       baseline_src=baseline_src, log=click.echo)
     if json_path:
         atomic.write_json(json_path, report)
         click.echo(f"Wrote {json_path}")

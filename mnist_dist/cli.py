@@ -4,7 +4,9 @@ import sys
 
 import click
 
+from . import extras
 from .errors import UserError
+from .inference.runtimes import RUNTIME_CHOICES
 
 
 def friendly_errors(func):
@@ -26,6 +28,20 @@ def friendly_errors(func):
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def requires(extra: str):
+    """The command needs ``extra``'s packages: say which to install, in one line, before importing any of them."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            extras.require(extra, click.get_current_context().command_path)
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,6 +118,7 @@ def recipe_help(name: str, text: str) -> str:
 @download_option
 @click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
 @friendly_errors
+@requires("train")
 def train(**options):
     """Train the CNN on MNIST; run under `accelerate launch` for several processes or machines."""
     from .training.config import TrainConfig
@@ -120,6 +137,7 @@ def train(**options):
 @click.option("--cpu", is_flag=True, help="Evaluate on the CPU even when a GPU is present.")
 @threads_option
 @friendly_errors
+@requires("train")
 def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu, threads):
     """Test accuracy and loss of CHECKPOINT (a file, or a run dir for its latest) on all 10,000 test images.
 
@@ -143,6 +161,7 @@ def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu, threads
 @click.option("--force", is_flag=True, help="Replace --out-dir if it exists (only once the new export is valid).")
 @download_option
 @friendly_errors
+@requires("train")
 def export_command(source, out_dir, data_dir, force, download):
     """Export a checkpoint to TorchScript, ONNX and torch.export, validated on all 10,000 test images.
 
@@ -160,6 +179,7 @@ def export_command(source, out_dir, data_dir, force, download):
 @data_dir_option
 @download_option
 @friendly_errors
+@requires("train")
 def validate(model_dir, data_dir, download):
     """Re-check an export folder: hashes, the ONNX checker, and parity with PyTorch on the test set."""
     from .exporting.validate import format_report, validate_folder
@@ -177,6 +197,7 @@ def validate(model_dir, data_dir, download):
               help="PNG file to write.")
 @download_option
 @friendly_errors
+@requires("train")
 def preview(data_dir, split, start, count, out, download):
     """The tutorial's sample grid: images START.. of a split, each titled with its label."""
     from . import atomic
@@ -188,7 +209,7 @@ def preview(data_dir, split, start, count, out, download):
     splits = {name: mnist.load_split(name, download=download, source=source) for name in ("train", "test")}
     click.echo(f"Training images: {len(splits['train'][1])}, test images: {len(splits['test'][1])}")
     images, labels = splits[split]
-    if count <= 0 or not 0 <= start or start + count > len(labels):
+    if count <= 0 or not start >= 0 or start + count > len(labels):
         raise UserError(f"--start {start} --count {count} is outside the {len(labels)} {split} images")
     indices = list(range(start, start + count))
     titles = plots.sample_grid(images.numpy(), labels.numpy(), out, indices)
@@ -202,6 +223,7 @@ def preview(data_dir, split, start, count, out, download):
 @click.option("--limit", default=100, show_default=True, type=int, help="Most misclassified images to show.")
 @download_option
 @friendly_errors
+@requires("train")
 def report(run_dir, model_dir, data_dir, limit, download):
     """Pictures: RUN_DIR's training curves, and/or a test-set report for --model-dir."""
     from .reports import report as report_lib
@@ -223,6 +245,7 @@ def report(run_dir, model_dir, data_dir, limit, download):
               help="Training images (never test images) used to calibrate activation ranges.")
 @download_option
 @friendly_errors
+@requires("train")
 def quantize(model_dir, data_dir, calibration_images, download):
     """Write MODEL_DIR/model.int8.onnx: onnxruntime static QDQ INT8, calibrated on training images."""
     from .exporting.quantize import quantize as run_quantize
@@ -232,7 +255,7 @@ def quantize(model_dir, data_dir, calibration_images, download):
                f"drop {result['accuracy_drop_points']:.2f} points); manifest updated")
 
 
-def csv_list(kind, minimum=None, choices=None):
+def csv_list(kind, minimum=None):
     """A click callback for comma-separated values, each checked as it would be on its own."""
 
     def parse(ctx, param, value):
@@ -240,23 +263,14 @@ def csv_list(kind, minimum=None, choices=None):
             values = [kind(v) for v in value.split(",") if v.strip()]
         except ValueError:
             raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}, got {value!r}") from None
-        allowed = choices() if callable(choices) else choices
-        bad = [v for v in values if (minimum is not None and v < minimum) or (allowed and v not in allowed)]
         if not values:
             raise click.BadParameter("give at least one value")
-        if bad and minimum is not None:
-            raise click.BadParameter(f"{', '.join(map(str, bad))}: each value must be at least {minimum}")
+        bad = [v for v in values if minimum is not None and v < minimum]
         if bad:
-            raise click.BadParameter(f"unknown {', '.join(map(str, bad))}; choose from {', '.join(allowed)}")
+            raise click.BadParameter(f"{', '.join(map(str, bad))}: each value must be at least {minimum}")
         return values
 
     return parse
-
-
-def bench_runtimes() -> tuple:
-    from .bench.inference import RUNTIMES
-
-    return RUNTIMES + ("available",)
 
 
 @main.command()
@@ -264,8 +278,7 @@ def bench_runtimes() -> tuple:
 @data_dir_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here too.")
 @click.option("--batch-sizes", default="1,64,1024,10000", show_default=True, callback=csv_list(int, minimum=1))
-@click.option("--runtimes", "runtime_names", default="available", show_default=True,
-              callback=csv_list(str, choices=bench_runtimes),
+@click.option("--runtimes", "runtime_names", default="available", show_default=True, callback=csv_list(str),
               help="Which to compare, from onnxruntime-fp32, onnxruntime-int8, openvino-fp32, openvino-bf16 (CPUs "
                    "with native bf16), openvino-int8, pytorch-eager, torchscript; available: all this machine runs.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -274,11 +287,13 @@ def bench_runtimes() -> tuple:
               help="onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider (needs onnxruntime-gpu).")
 @click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Timing budget per runtime and batch size.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N test images (smoke runs).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only the first N test images (smoke runs).")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Also write confusion.png, mistakes.png and report.md into the model dir.")
 @download_option
 @friendly_errors
+@requires("train")
 def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, providers, seconds, limit, report,
           download):
     """Benchmark inference on the MNIST test set: onnxruntime fp32 / INT8 against PyTorch eager and TorchScript."""
@@ -288,6 +303,10 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
     from .bench import inference as bench_lib
     from .reports import report as report_lib
 
+    unknown = [name for name in runtime_names if name not in (*bench_lib.RUNTIMES, "available")]
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(bench_lib.RUNTIMES)}, "
+                                 "available", param_hint="--runtimes")
     if json_path:
         atomic.check_output_file(json_path, "--json")
     names = None if runtime_names == ["available"] else [n for n in runtime_names if n != "available"]
@@ -327,7 +346,7 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
                    "jobs use smaller chunks, so that there are 64 of them (of 64 inputs at least).")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False),
               help="Also write the summary (counts, rates, runtimes, peak memory per process) as JSON here.")
-@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "openvino", "openvino-bf16"]), default="auto",
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
               show_default=True,
               help="For ONNX models. auto: the faster of onnxruntime and OpenVINO for --batch-size on this machine "
                    "(from bench.json beside the model, else OpenVINO from batches of 64); never bf16 unless asked; "
@@ -363,7 +382,7 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
 @click.option("--model-dir", required=True, type=click.Path(), help="An export folder (see mnist-dist export).")
 @click.option("--model", "model_name", default="model.onnx", show_default=True,
               help="Which ONNX file of the folder to serve: model.onnx or model.int8.onnx.")
-@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "openvino", "openvino-bf16"]), default="auto",
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
               show_default=True,
               help="auto: the faster for single requests on this machine (bench.json beside the model, else "
                    "onnxruntime, which answered single images sooner); openvino-bf16 needs native bf16.")
@@ -381,19 +400,15 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
 @click.option("--max-body-mb", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger request bodies are refused with 413.")
 @friendly_errors
+@requires("serve")
 def serve(model_dir, model_name, runtime, host, port, threads, batching, max_batch, max_wait_ms, max_body_mb):
     """Serve the exported model over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at / to draw
-    a digit on. Needs the serve extra (pip install 'mnist-dist[serve]')."""
-    try:
-        from .serving.app import ServeOptions
-        from .serving.server import serve as run_server
-    except ImportError as e:
-        raise UserError(f"mnist-dist serve needs the serve extra ({e.name} is missing): "
-                        "pip install 'mnist-dist[serve]'") from e
-    from .launch import choose_threads
+    a digit on. Needs the serve extra (pip install "mnist-dist[serve]")."""
+    from .serving.app import ServeOptions
+    from .serving.server import serve as run_server
 
-    options = ServeOptions(model_dir, model_name, threads or choose_threads()[0], batching, max_batch, max_wait_ms,
-                           int(max_body_mb * 2**20), runtime)
+    options = ServeOptions(model_dir, model_name, threads, batching, max_batch, max_wait_ms, int(max_body_mb * 2**20),
+                           runtime)
     run_server(options, host, port, log=click.echo)
 
 

@@ -3,14 +3,21 @@
 Jobs run under ``python``, ``accelerate launch`` (which starts torchrun), or an
 MPI launcher. Rank and world size are read the way Accelerate reads them, so
 the same code sees the same numbers under each.
+
+Importing this module imports neither torch nor accelerate: a one-process
+inference job runs without them (``OneProcess``), and only the functions that
+start an Accelerator or set torch's threads load them.
 """
+from __future__ import annotations
+
 import os
 import sys
 
-import torch
 from tqdm.auto import tqdm
 
+from . import extras
 from .errors import UserError
+from .sysinfo import native_cpu_bf16, physical_cores
 
 # Accelerate's own lists of the variables each launcher (torchrun, Intel MPI / MPICH, Open MPI, MVAPICH) sets.
 WORLD_SIZE_ENV = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]
@@ -46,15 +53,6 @@ def under_accelerate_launch() -> bool:
     return LAUNCHER_PRECISION_ENV in os.environ
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's arithmetic units)."""
-    import psutil
-
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    physical = psutil.cpu_count(logical=False) or logical
-    return max(1, min(physical, logical))
-
-
 def choose_threads(requested=None) -> tuple:
     """(intra-op threads per process, why). ``--threads`` wins; then $OMP_NUM_THREADS, except the 1 that
     ``accelerate launch`` exports whenever --num_cpu_threads_per_process is not given: that silent default
@@ -70,31 +68,23 @@ def choose_threads(requested=None) -> tuple:
 
 
 def apply_threads(requested=None) -> tuple:
+    """choose_threads, applied to torch's intra-op pool."""
+    import torch
+
     threads, why = choose_threads(requested)
     torch.set_num_threads(threads)
     return threads, why
 
 
+def cpu_asked(cpu: bool = False) -> bool:
+    return cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
 def will_use_cpu(cpu: bool = False) -> bool:
     """The device Accelerate will pick: CUDA, then mps, else the CPU (or the CPU when asked)."""
-    cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    import torch
 
-
-def native_cpu_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware: AVX-512 BF16 or AMX on x86, the BF16 extension on Arm.
-
-    oneDNN also runs bf16 on plain AVX-512 by emulation, and bf16 autocast is then slower than fp32
-    (15x slower was measured on an AVX2 CPU), so emulation does not count.
-    """
-    import platform
-
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64", "x86", "i686"):
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return cpu_asked(cpu) or not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 def choose_mixed_precision(job_value, recipe_value: str, cpu: bool = False) -> tuple:
@@ -149,6 +139,8 @@ def check_trackers(report_to: str) -> list:
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with=None, project_dir=None):
     """An Accelerator that works the same under python, accelerate launch, torchrun, MPI, gloo and NCCL."""
+    extras.require("train", "a job of several processes or on torch")
+    import torch
     from accelerate import Accelerator
 
     world_size = launched_world_size()
@@ -163,6 +155,40 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with=No
     if world_size > 1 and accelerator.num_processes == 1:
         raise UserError(f"{world_size} processes were launched but they did not join one process group")
     return accelerator
+
+
+class OneProcess:
+    """What a job asks of an Accelerator, for a job of one process that needs no torch (an ONNX predict):
+    starting Accelerate would import torch and cost a second and hundreds of MB for nothing."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def end_training(self) -> None:
+        pass
+
+
+def job_processes(cpu: bool, needs_torch: bool):
+    """An Accelerator where the job really has several processes or runs a torch model, else OneProcess."""
+    if needs_torch or launched_world_size() > 1:
+        return make_accelerator(cpu=cpu)
+    return OneProcess(onnx_device(cpu))
+
+
+def onnx_device(cpu: bool = False) -> str:
+    """The GPU of this process where onnxruntime has its CUDA provider and the CPU was not asked for."""
+    import onnxruntime as ort
+
+    if cpu_asked(cpu) or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "cpu"
+    return f"cuda:{env_int(['LOCAL_RANK'], 0)}"
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True):

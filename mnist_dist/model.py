@@ -59,5 +59,12 @@ def build_model(config: dict) -> CNN:
     return CNN(in_channels=config["in_channels"], num_classes=config["num_classes"])
 
 
+def from_state(state: dict) -> CNN:
+    """The CNN of a checkpoint or an export's reference: its ``model_config`` and ``model`` weights."""
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -45,7 +45,8 @@ def run(args, timeout=600, env=None, check=True, cwd=ROOT) -> subprocess.Complet
 
 
 def sigkill_when(args, should_kill) -> int:
-    """Start a command, SIGKILL it at the first stdout line for which should_kill(line) is true; return its exit code."""
+    """Start a command, SIGKILL it at the first stdout line for which should_kill(line) is true; return its exit
+    code."""
     proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:

@@ -70,12 +70,12 @@ def test_data_source_order(monkeypatch, tmp_path, mnist_root):
 def test_a_damaged_bundled_file_is_refused(monkeypatch):
     sums = dict(mnist.bundled_sums(), **{"t10k-labels-idx1-ubyte.gz": "0" * 64})
     monkeypatch.setattr(mnist, "bundled_sums", lambda: sums)
-    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz fails its sha256 check"):
+    with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte\.gz fails its sha256 check"):
         mnist.load_split("test")
 
 
 def test_missing_dir_without_download_says_how_to_supply(tmp_path):
-    with pytest.raises(UserError, match="MNIST not found.*--data-dir"):
+    with pytest.raises(UserError, match=r"MNIST not found.*--data-dir"):
         mnist.load_split("test", tmp_path / "absent", download=False)
 
 
@@ -112,7 +112,7 @@ def test_corrupt_labels_are_rejected(data_copy):
     raw = bytearray(path.read_bytes())
     raw[8 + 5] = 42
     path.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match="labels .* corrupt"):
+    with pytest.raises(UserError, match=r"labels .* corrupt"):
         mnist.load_split("test", data_copy, download=False)
 
 

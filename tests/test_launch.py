@@ -8,6 +8,7 @@ import pytest
 
 from mnist_dist import launch
 from mnist_dist.atomic import read_jsonl
+from mnist_dist.sysinfo import physical_cores
 
 from conftest import ROOT, accelerate_launch, cpu_env, run, train_job
 
@@ -29,7 +30,8 @@ def one_error_line(proc) -> str:
 
 
 def test_readme_command_trains_offline_from_an_empty_folder(tmp_path):
-    """`accelerate launch jobs/train.py` with no data/ folder and no $MNIST_DATA_DIR: the bundled copy, read in memory."""
+    """`accelerate launch jobs/train.py` with no data/ folder and no $MNIST_DATA_DIR: the bundled copy, read in
+    memory."""
     here = tmp_path / "empty"
     here.mkdir()
     out = tmp_path / "out"
@@ -41,7 +43,7 @@ def test_readme_command_trains_offline_from_an_empty_folder(tmp_path):
     assert "Data: the copy bundled with mnist-dist" in proc.stdout
     assert list(here.iterdir()) == []  # nothing downloaded or unpacked where it ran
     # The launcher exported OMP_NUM_THREADS=1; the job still uses every physical core.
-    assert config["threads"] == launch.physical_cores()
+    assert config["threads"] == physical_cores()
     assert config["threads_chosen_by"].endswith("physical cores / 1 local process(es)")
 
 
@@ -57,7 +59,7 @@ def test_thread_count_rule(monkeypatch, env, requested, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    cores = launch.physical_cores()
+    cores = physical_cores()
     expected = {"cores": cores, "cores/2": max(1, cores // 2)}.get(expected, expected)
     assert launch.choose_threads(requested)[0] == expected
 
@@ -102,7 +104,8 @@ def test_tensorboard_gets_loss_and_accuracy_and_steps_are_recorded(tmp_path):
     assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
     accuracy = scalars.Scalars("test/accuracy")
     epochs = read_jsonl(out / "metrics.jsonl")
-    assert [(e.step, e.value) for e in accuracy] == [(30 * r["epoch"], pytest.approx(r["test_accuracy"])) for r in epochs]
+    expected = [(30 * r["epoch"], pytest.approx(r["test_accuracy"])) for r in epochs]
+    assert [(e.step, e.value) for e in accuracy] == expected
 
 
 def test_a_tracker_that_is_not_installed_is_one_error_line(tmp_path):

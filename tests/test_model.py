@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from mnist_dist.model import ARCH, CNN, NUM_PARAMETERS, build_model, count_parameters
@@ -49,7 +51,8 @@ def test_model_module_imports_only_torch():
 
     import mnist_dist.model as m
 
-    tree = ast.parse(open(m.__file__).read())
-    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    tree = ast.parse(Path(m.__file__).read_text())
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import)]
+    roots = {alias.name.split(".")[0] for node in imports for alias in node.names}
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert roots == {"torch"}

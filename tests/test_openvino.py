@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mnist_dist.data import mnist
-from mnist_dist.inference.manifest import model_input
 from mnist_dist.bench import inference as bench
-from mnist_dist.inference import predict, runtimes
+from mnist_dist.data import mnist
+from mnist_dist.inference import manifest as manifest_lib
+from mnist_dist.inference import runtimes
+from mnist_dist.inference.manifest import model_input
+from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
 
 from conftest import cpu_env, run
@@ -19,8 +21,8 @@ pytest.importorskip("openvino", reason="the openvino extra is not installed")
 @pytest.fixture(scope="module")
 def test_set(exported_model):
     images, labels = mnist.load_split("test")
-    x = model_input(images.numpy(), predict.load_model(exported_model / "model.onnx").manifest)
-    reference = runtimes.run_batched(runtimes.load_reference(exported_model / "reference.pt"), x, 1000).argmax(1)
+    x = model_input(images.numpy(), manifest_lib.load(exported_model))
+    reference = runtimes.run_batched(open_model(exported_model / "reference.pt"), x, 1000).argmax(1)
     return x, labels.numpy(), reference
 
 
@@ -30,18 +32,18 @@ def accuracy_points(predictions, labels) -> float:
 
 def test_openvino_fp32_agrees_with_pytorch_on_every_test_image(exported_model, test_set):
     x, _, reference = test_set
-    predictions = runtimes.run_batched(runtimes.load_openvino(exported_model / "model.onnx", 2), x, 1000).argmax(1)
+    predictions = runtimes.run_batched(open_model(exported_model / "model.onnx", "openvino", 2), x, 1000).argmax(1)
     assert (predictions == reference).all()
 
 
 def test_openvino_int8_and_bf16_lose_at_most_a_tenth_of_a_point(exported_model, test_set):
     x, labels, reference = test_set
     fp32 = accuracy_points(reference, labels)
-    int8 = runtimes.run_batched(runtimes.load_openvino(exported_model / "model.int8.onnx", 2), x, 1000).argmax(1)
+    int8 = runtimes.run_batched(open_model(exported_model / "model.int8.onnx", "openvino", 2), x, 1000).argmax(1)
     assert fp32 - accuracy_points(int8, labels) <= bench.MAX_DROP_POINTS
     if not runtimes.openvino_bf16():
         pytest.skip("this CPU has no native bf16")
-    bf16 = runtimes.run_batched(runtimes.load_openvino(exported_model / "model.onnx", 2, "bf16"), x, 1000).argmax(1)
+    bf16 = runtimes.run_batched(open_model(exported_model / "model.onnx", "openvino-bf16", 2), x, 1000).argmax(1)
     assert fp32 - accuracy_points(bf16, labels) <= bench.MAX_DROP_POINTS
 
 
@@ -51,8 +53,8 @@ def test_predict_and_serve_run_on_openvino(exported_model, tmp_path):
     outputs = {}
     for runtime in ("onnxruntime", "openvino"):
         out = tmp_path / f"{runtime}.csv"
-        proc = run([sys.executable, "jobs/predict.py", tmp_path / "digits.npy", "--model", exported_model / "model.onnx",
-                    "--out", out, "--runtime", runtime])
+        proc = run([sys.executable, "jobs/predict.py", tmp_path / "digits.npy",
+                    "--model", exported_model / "model.onnx", "--out", out, "--runtime", runtime])
         assert f"process 0: {runtime}" in proc.stderr
         outputs[runtime] = [line.split(",")[1] for line in out.read_text().splitlines()[1:]]
     assert outputs["openvino"] == outputs["onnxruntime"]
@@ -85,4 +87,4 @@ def test_a_missing_openvino_is_one_error_line(exported_model, tmp_path):
                 exported_model / "model.onnx", "--runtime", "openvino"],
                env=cpu_env(PYTHONPATH=str(tmp_path / "shadow")), check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "pip install 'mnist-dist[openvino]'" in errors[0]
+    assert proc.returncode == 1 and len(errors) == 1 and 'pip install "mnist-dist[openvino]"' in errors[0]

@@ -102,7 +102,7 @@ def onnx_predictions(exported_model):
 
 
 def test_model_report_confusion_adds_up_on_the_full_test_set(model_report, onnx_predictions):
-    out, summary = model_report
+    _out, summary = model_report
     labels, predictions = onnx_predictions
     cm = np.array(summary["confusion"])
     assert cm.shape == (10, 10) and cm.sum() == 10_000
@@ -112,14 +112,15 @@ def test_model_report_confusion_adds_up_on_the_full_test_set(model_report, onnx_
 
 
 def test_mistakes_gallery_shows_exactly_the_misclassified(model_report, onnx_predictions):
-    out, summary = model_report
+    _out, summary = model_report
     labels, predictions = onnx_predictions
     wrong = np.flatnonzero(predictions != labels)
     assert summary["mistakes"] == len(wrong) > 25
     assert summary["mistakes_shown"] == wrong[:25].tolist()
     drawn = summary["pictures"]["mistakes"]  # one panel per mistake shown, titled true / predicted
     assert drawn["panels"] == 25
-    assert [t.split("\n")[0] for t in drawn["titles"]] == [f"true {labels[i]} / pred {predictions[i]}" for i in wrong[:25]]
+    expected = [f"true {labels[i]} / pred {predictions[i]}" for i in wrong[:25]]
+    assert [t.split("\n")[0] for t in drawn["titles"]] == expected
 
 
 def test_report_markdown_states_accuracy_and_per_class_figures(model_report):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from mnist_dist.data import mnist
 from mnist_dist.inference import images, predict
+from mnist_dist.inference.models import open_model
 from mnist_dist.scores import softmax
 
 from conftest import run, write_test_pngs
@@ -32,17 +33,15 @@ def test_predict_on_pngs_agrees_label_for_label_with_bench(exported_model, test_
     predicted = np.array([int(r["prediction"]) for r in rows])
     # bench's path: the test tensors through the same ONNX model, scaled by the manifest's contract
     manifest = json.loads((exported_model / "manifest.json").read_text())
-    from mnist_dist.inference import runtimes
-
     x = pixels[:300, None].astype(np.float32) * np.float32(manifest["input"]["scale"])
-    assert predicted.tolist() == runtimes.load_runner(exported_model / "model.onnx")(x).argmax(1).tolist()
+    assert predicted.tolist() == open_model(exported_model / "model.onnx", "onnxruntime")(x).argmax(1).tolist()
     assert (predicted == labels[:300]).mean() > 0.95
     assert all(r["error"] == "" and 0 < float(r["confidence"]) <= 1 and len(r["top3"].split()) == 3 for r in rows)
     assert "300 inputs, 0 failed" in proc.stderr and "images/s" in proc.stderr
 
 
 def test_bad_files_cost_only_their_own_row(exported_model, test_digits, tmp_path):
-    pixels, labels = test_digits
+    pixels, _labels = test_digits
     folder = tmp_path / "mixed"
     write_test_pngs(folder, 4)  # digit_0000..0003: good
     Image.fromarray(pixels[0]).save(folder / "b_corrupt.png")
@@ -65,13 +64,13 @@ def test_bad_files_cost_only_their_own_row(exported_model, test_digits, tmp_path
 
 
 def predict_one(model_dir, pixels):
-    model = predict.load_model(model_dir / "model.onnx")
+    model = open_model(model_dir / "model.onnx", "onnxruntime")
     return int(model.run(pixels[None, None].astype(np.float32) * np.float32(model.manifest["input"]["scale"])).argmax())
 
 
 def test_rgb_odd_size_and_dark_on_light_images_are_made_mnist_like(exported_model, test_digits, tmp_path):
     pixels, labels = test_digits
-    model = predict.load_model(exported_model / "model.onnx")
+    model = open_model(exported_model / "model.onnx", "onnxruntime")
     x = pixels[:100, None].astype(np.float32) * np.float32(model.manifest["input"]["scale"])
     confident = [i for i, p in enumerate(softmax(model.run(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
     files, truth = [], []
@@ -100,11 +99,12 @@ def test_prepared_images_look_like_mnist():
     canvas[10:50, 20:30] = 0  # a tall bar: a "1"
     out = images.to_mnist(canvas, "auto", (28, 28), 20)
     assert out.shape == (28, 28) and out[0].max() == 0 and out.max() > 200  # white on black
-    rows, cols = np.nonzero(out > 0.2 * out.max())
+    rows, _cols = np.nonzero(out > 0.2 * out.max())
     assert rows.max() - rows.min() + 1 <= 20 and rows.max() - rows.min() + 1 >= 18  # fitted in 20x20
     mass = np.indices(out.shape).reshape(2, -1) @ out.ravel() / out.sum()
     assert np.allclose(mass, 13.5, atol=1.0)  # centred by mass
-    assert np.array_equal(images.to_mnist(np.zeros((28, 28), np.float32), "auto", (28, 28), 20), np.zeros((28, 28)))  # 28x28 taken as is
+    blank = np.zeros((28, 28), np.float32)
+    assert np.array_equal(images.to_mnist(blank, "auto", (28, 28), 20), blank)  # 28x28 taken as is
     assert images.to_mnist(np.zeros((28, 28), np.float32), "yes", (28, 28), 20).max() == 255
 
 
@@ -113,14 +113,14 @@ def test_npy_and_idx_inputs(exported_model, test_digits, mnist_root, tmp_path):
     np.save(tmp_path / "u8.npy", pixels[:5])
     np.save(tmp_path / "f.npy", pixels[5:8, None].astype(np.float64) / 255)
     idx = mnist.raw_folder(mnist_root) / "t10k-images-idx3-ubyte"
-    rows, summary = predict.predict([tmp_path / "u8.npy", tmp_path / "f.npy"], exported_model / "model.onnx",
+    rows, _summary = predict.predict([tmp_path / "u8.npy", tmp_path / "f.npy"], exported_model / "model.onnx",
                                     show_progress=False)
     assert [r["input"] for r in rows] == [f"{tmp_path / 'u8.npy'}#{i}" for i in range(5)] + \
         [f"{tmp_path / 'f.npy'}#{i}" for i in range(3)]
     assert [r["prediction"] for r in rows] == [predict_one(exported_model, p) for p in pixels[:8]]
     idx_rows, _ = predict.predict([idx], exported_model / "model.onnx", show_progress=False)
     assert len(idx_rows) == 10_000 and idx_rows[7]["input"].endswith("#7")
-    assert np.mean([r["prediction"] == l for r, l in zip(idx_rows, labels)]) > 0.95
+    assert np.mean([r["prediction"] == label for r, label in zip(idx_rows, labels)]) > 0.95
 
 
 def test_truncated_arrays_cost_only_their_own_row(exported_model, test_digits, mnist_root, tmp_path):
@@ -150,7 +150,7 @@ def test_int8_and_torchscript_models_predict_too(exported_model, test_digits, tm
     np.save(tmp_path / "x.npy", pixels[:64])
     for name in ("model.int8.onnx", "model.ts"):
         rows, _ = predict.predict([tmp_path / "x.npy"], exported_model / name, show_progress=False)
-        assert np.mean([r["prediction"] == l for r, l in zip(rows, labels[:64])]) > 0.9, name
+        assert np.mean([r["prediction"] == label for r, label in zip(rows, labels[:64])]) > 0.9, name
 
 
 def command_error(args):
@@ -181,18 +181,34 @@ def test_corrupt_or_foreign_models_are_refused(exported_model, tmp_path):
     folder = tmp_path / "models"
     shutil.copytree(exported_model, folder)
     (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:5000])
-    assert "cannot load ONNX model" in command_error([tmp_path / "models", "--model", folder / "model.onnx"])
+    assert "differs from the file recorded in its manifest" in command_error(
+        [tmp_path / "models", "--model", folder / "model.onnx"])
+    record_in_manifest(folder, "model.onnx")  # as if exported so: the runtime itself must refuse it
+    for runtime in ("onnxruntime", "openvino"):
+        assert "cannot load" in command_error([tmp_path / "models", "--model", folder / "model.onnx",
+                                               "--runtime", runtime])
     graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "g",
                               [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 32, 32])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
-    assert "expected [batch, 1, 28, 28]" in command_error([tmp_path / "models", "--model", folder / "model.onnx"])
+    record_in_manifest(folder, "model.onnx")
+    for runtime in ("onnxruntime", "openvino"):  # the input shape as each engine declares it
+        assert "expected [batch, 1, 28, 28]" in command_error([tmp_path / "models", "--model", folder / "model.onnx",
+                                                              "--runtime", runtime])
+
+
+def record_in_manifest(folder, name):
+    from mnist_dist.inference import manifest as manifest_lib
+
+    manifest = manifest_lib.load(folder)
+    manifest["files"][name] = manifest_lib.describe_file(folder / name)
+    (folder / manifest_lib.MANIFEST).write_text(json.dumps(manifest))
 
 
 def confident_digits(exported_model, test_digits, count: int) -> list:
     """Indices of test digits the model reads right with near certainty: any miss below is the input's handling."""
     pixels, labels = test_digits
-    model = predict.load_model(exported_model / "model.onnx")
+    model = open_model(exported_model / "model.onnx", "onnxruntime")
     probabilities = softmax(model.run(pixels[:200, None].astype(np.float32) / 255))
     return [i for i, p in enumerate(probabilities) if p.max() > 0.999 and p.argmax() == labels[i]][:count]
 

@@ -126,7 +126,7 @@ def test_bad_jobs_are_refused_in_one_line_and_write_nothing(exported_model, digi
     cases = [
         ([tmp_path / "empty", "--model", model], "holds no images"),
         ([digit_folder, "--model", tmp_path / "absent.onnx"], "does not exist"),
-        ([digit_folder, "--model", corrupt / "model.onnx"], "cannot load ONNX model"),
+        ([digit_folder, "--model", corrupt / "model.onnx"], "sha256 mismatch"),
     ]
     for args, message in cases:
         for processes in (1, 2):
@@ -160,7 +160,8 @@ def test_predict_benchmark_quick_mode(exported_model, tmp_path):
     run([sys.executable, "jobs/bench_predict.py", "--quick", "--processes", 1, "--model", exported_model / "model.onnx",
          "--work-dir", tmp_path / "sets", "--json", out])
     report = json.loads(out.read_text())
-    assert {(r["set"], r["inputs"]) for r in report["results"]} == {("pngs", 200), ("jpegs", 20), ("npy", 10_000)}
+    assert {(r["set"], r["inputs"]) for r in report["results"]} == {("pngs", 200), ("jpegs", 20), ("npy", 10_000),
+                                                                       ("pngs1k", 100)}
     for r in report["results"]:
         assert r["startup_s"] > 0 and r["wall_s"] > 0 and r["peak_rss_mb"] > 50  # quick mode measures little
         assert r["accuracy"] > 0.8, r  # the sets are labelled: predictions are scored

@@ -103,6 +103,7 @@ def bad_requests(good_png: bytes) -> list:
                                           "headers": {"content-type": "application/json"}}, 413),
         ("wrong content type", {"content": b"1,2,3", "headers": {"content-type": "text/csv"}}, 415),
         ("form without a file field", {"data": {"picture": "x"}, "files": {"other": ("a.png", good_png)}}, 422),
+        ("a text field named file", {"data": {"file": "hello"}, "files": {"other": ("a.png", good_png)}}, 400),
         ("unknown invert", {"params": {"invert": "maybe"}, "files": {"file": ("a.png", good_png)}}, 422),
     ]
 
@@ -112,7 +113,7 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_answering(client,
     good = (folder / "002.png").read_bytes()
     cases = bad_requests(good)
     assert len(cases) >= 8
-    for what, request, status in cases * 16:  # 208 bad requests
+    for what, request, status in cases * 16:  # 224 bad requests
         if "streamed" in what:
             request = dict(request, content=iter([b"x" * 2**20] * 6))  # a fresh stream each time
         response = client.post("/v1/predict", **request)

@@ -12,14 +12,23 @@ import torch
 
 from .. import sysinfo
 from ..errors import UserError
-from ..inference import manifest as manifest_lib
-from ..exporting.quantize import INT8_FILE
 from ..exporting.validate import test_images
+from ..inference import manifest as manifest_lib
 from ..inference import runtimes
+from ..inference.models import open_model
 
 BATCH_SIZES = (1, 64, 1024, 10_000)
-RUNTIMES = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8", "pytorch-eager",
-            "torchscript")
+# bench's runtime -> (the manifest's artifact, the engine that runs it)
+RUNNERS = {
+    "onnxruntime-fp32": ("onnx", "onnxruntime"),
+    "onnxruntime-int8": ("int8", "onnxruntime"),
+    "openvino-fp32": ("onnx", "openvino"),
+    "openvino-bf16": ("onnx", "openvino-bf16"),
+    "openvino-int8": ("int8", "openvino"),
+    "pytorch-eager": ("reference", "pytorch"),
+    "torchscript": ("torchscript", "torchscript"),
+}
+RUNTIMES = tuple(RUNNERS)
 MAX_DROP_POINTS = 0.1  # the most a bf16 or INT8 runtime may lose against the fp32 model, in accuracy points
 
 
@@ -69,24 +78,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def load_runners(model_dir: Path, manifest: dict, names, threads: int, providers) -> dict:
-    files = manifest["artifacts"]
-    fp32, int8 = model_dir / files["onnx"], model_dir / files.get("int8", INT8_FILE)
-    loaders = {
-        "onnxruntime-fp32": lambda: runtimes.load_onnx(fp32, threads, providers),
-        "onnxruntime-int8": lambda: runtimes.load_onnx(int8, threads, providers),
-        "openvino-fp32": lambda: runtimes.load_openvino(fp32, threads, "fp32"),
-        "openvino-bf16": lambda: runtimes.load_openvino(fp32, threads, "bf16"),
-        "openvino-int8": lambda: runtimes.load_openvino(int8, threads, "fp32"),
-        "pytorch-eager": lambda: runtimes.load_reference(model_dir / files["reference"]),
-        "torchscript": lambda: runtimes.load_torchscript(model_dir / files["torchscript"]),
-    }
-    unknown = set(names) - set(loaders)
+def load_runners(model_dir: Path, manifest: dict, names, threads: int, device: str) -> dict:
+    """Each runtime opened as users open it; ONNX engines on ``device``, PyTorch's on the CPU as exported."""
+    unknown = set(names) - set(RUNNERS)
     if unknown:
-        raise UserError(f"unknown runtime(s) {', '.join(sorted(unknown))}; choose from {', '.join(loaders)}")
-    if any(name.endswith("int8") for name in names) and "int8" not in files:
+        raise UserError(f"unknown runtime(s) {', '.join(sorted(unknown))}; choose from {', '.join(RUNNERS)}")
+    if any(name.endswith("int8") for name in names) and "int8" not in manifest["artifacts"]:
         raise UserError(f"{model_dir} has no INT8 model: run `mnist-dist quantize {model_dir}` first")
-    return {name: loaders[name]() for name in names}
+    runners = {}
+    for name in names:
+        artifact, engine = RUNNERS[name]
+        path = model_dir / manifest["artifacts"][artifact]
+        runners[name] = open_model(path, engine, threads, device if path.suffix == ".onnx" else "cpu",
+                                   manifest=manifest)
+    return runners
 
 
 def available_runtimes(manifest: dict) -> list:
@@ -108,18 +113,19 @@ def time_cell(runner, images: np.ndarray, batch: int, warmup: int, seconds: floa
     starts = list(range(0, max(len(images) - batch, 0) + 1, batch)) or [0]
     for i in range(warmup):
         runner(images[starts[i % len(starts)] : starts[i % len(starts)] + batch])
-    latencies, deadline = [], time.perf_counter() + seconds
+    latencies: list = []
+    deadline = time.perf_counter() + seconds
     while len(latencies) < min_batches or time.perf_counter() < deadline:
         start = starts[len(latencies) % len(starts)]
         x = images[start : start + batch]
         t0 = time.perf_counter()
         runner(x)
         latencies.append(time.perf_counter() - t0)
-    latencies = np.array(latencies)
+    timed = np.array(latencies)
     n = min(batch, len(images))
-    return {"images_per_s": n * len(latencies) / latencies.sum(), "p50_ms": 1e3 * np.percentile(latencies, 50),
-            "p90_ms": 1e3 * np.percentile(latencies, 90), "p99_ms": 1e3 * np.percentile(latencies, 99),
-            "timed_batches": len(latencies)}
+    return {"images_per_s": n * len(timed) / timed.sum(), "p50_ms": 1e3 * np.percentile(timed, 50),
+            "p90_ms": 1e3 * np.percentile(timed, 90), "p99_ms": 1e3 * np.percentile(timed, 99),
+            "timed_batches": len(timed)}
 
 
 def run(model_dir, data_dir=None, batch_sizes=BATCH_SIZES, names=None, threads=None, providers=None,
@@ -128,23 +134,24 @@ def run(model_dir, data_dir=None, batch_sizes=BATCH_SIZES, names=None, threads=N
 
     model_dir = Path(model_dir)
     manifest = manifest_lib.load(model_dir)
-    threads = threads or runtimes.cpu_count()
+    threads = threads or sysinfo.physical_cores()
     torch.set_num_threads(threads)
     providers = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
     used = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    device = "cuda:0" if "CUDAExecutionProvider" in used else "cpu"
     images, labels = test_images(manifest, data_dir, download)
     if limit:
         images, labels = images[:limit], labels[:limit]
     names = list(names or available_runtimes(manifest))
-    runners = load_runners(model_dir, manifest, names, threads, used)
+    runners = load_runners(model_dir, manifest, names, threads, device)
     flops = model_flops(manifest["model_config"], manifest_lib.image_size(manifest))
     sgemm = sgemm_gflops(threads)
     peak = sgemm["best"]
     predictions = {name: runtimes.run_batched(runner, images, 1000).argmax(1) for name, runner in runners.items()}
     reference = predictions.get("pytorch-eager")
     if reference is None:  # PyTorch itself is not among the runtimes timed: it is still what the others answer to
-        eager = runtimes.load_reference(model_dir / manifest["artifacts"]["reference"])
+        eager = open_model(model_dir / manifest["artifacts"]["reference"], threads=threads, manifest=manifest)
         reference = runtimes.run_batched(eager, images, 1000).argmax(1)
     fp32_accuracy = float((reference == labels).mean())
     results = []

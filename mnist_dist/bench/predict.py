@@ -3,7 +3,8 @@
 The sets are made from the MNIST test set, so every prediction can be scored:
   * pngs:  20,000 small PNG files (28x28), the test set twice;
   * jpegs: 2,000 phone-scan-like photos, 1024x768 RGB, a dark digit on light, noisy paper;
-  * npy:   one 1,000,000-row uint8 array (the test set 100 times), 784 MB on disk.
+  * npy:   one 1,000,000-row uint8 array (the test set 100 times), 784 MB on disk;
+  * pngs1k: 1,000 small PNG files, the size of job a small machine takes: start-up and memory dominate.
 Each run is a fresh command, as a user would start it. End to end is the command's wall time less
 its start-up (the same command on a single image), the faster of two runs against the fastest of
 three start-ups, the same way for every variant; peak memory is the largest resident set of any of
@@ -24,9 +25,10 @@ from PIL import Image, ImageFilter
 from .. import sysinfo
 from ..data import mnist
 
-SETS = {"pngs": 20_000, "jpegs": 2_000, "npy": 1_000_000}
-QUICK_SETS = {"pngs": 200, "jpegs": 20, "npy": 10_000}  # a smoke run of the same code
+SETS = {"pngs": 20_000, "jpegs": 2_000, "npy": 1_000_000, "pngs1k": 1_000}
+QUICK_SETS = {"pngs": 200, "jpegs": 20, "npy": 10_000, "pngs1k": 100}  # a smoke run of the same code
 PHOTO = (1024, 768)
+OLDEST_BASELINE = "the previous `predict` (one process, no decode threads, arrays loaded whole)"
 RSS_PROBE = ("import json, resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
              "print(json.dumps({'code': code, 'max_rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}),"
              " file=sys.stderr)")
@@ -48,7 +50,7 @@ def make_sets(folder: Path, sizes: dict) -> dict:
             rng = np.random.default_rng(0)
             for i in range(n):
                 digit = images[i % len(images)]
-                if name == "pngs":
+                if name.startswith("pngs"):
                     Image.fromarray(digit).save(target / f"{i:05d}.png")
                 else:
                     phone_scan(digit, rng).save(target / f"{i:05d}.jpg", quality=90)
@@ -68,7 +70,7 @@ def write_big_array(path: Path, images: np.ndarray, n: int, block: int = 50_000)
 def phone_scan(digit: np.ndarray, rng) -> Image.Image:
     """A dark digit written on light, slightly uneven paper, photographed at 1024x768."""
     side = int(rng.integers(260, 420))
-    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), np.float32) / 255
+    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC), np.float32) / 255
     paper = rng.uniform(200, 240, 3) * np.linspace(0.92, 1.0, PHOTO[0])[None, :, None]
     page = np.broadcast_to(paper, (PHOTO[1], PHOTO[0], 3)).copy()
     top, left = int(rng.integers(0, PHOTO[1] - side)), int(rng.integers(0, PHOTO[0] - side))
@@ -90,18 +92,23 @@ def timed(cmd: list, env: dict, cwd) -> tuple:
 
 
 def variants(model: Path, predict_script: Path, processes: list, baseline_src) -> list:
-    """(name, command prefix, extra env, cwd) for the earlier version and for each process count."""
+    """(name, command prefix, extra env, cwd) for the earlier version and for each process count; "plain" is one
+    process started as `mnist-dist predict`, without the launcher, as the baseline runs."""
+    plain = [sys.executable, "-m", "mnist_dist.cli", "predict"]
     out = []
     if baseline_src:
         env = {"PYTHONPATH": str(Path(baseline_src).resolve())}
-        out.append(("baseline, 1 process", [sys.executable, "-m", "mnist_dist.cli", "predict"], env, baseline_src))
+        out.append(("baseline, 1 process", plain, env, baseline_src))
     for n in processes:
+        if n == "plain":
+            out.append(("1 process, no launcher", plain, {}, None))
+            continue
         several = ["--multi_gpu"] if n > 1 else []
         launch = [sys.executable, "-m", "accelerate.commands.launch", *several, "--num_processes", n,
                   "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", predict_script]
         out.append((f"{n} process{'es' if n > 1 else ''}", launch, {"ACCELERATE_USE_CPU": "1"} if n > 1 else {},
                     None))
-    return [(name, cmd + ["--model", model], env, cwd) for name, cmd, env, cwd in out]
+    return [(name, [*cmd, "--model", model], env, cwd) for name, cmd, env, cwd in out]
 
 
 def accuracy(csv_path: Path, truth: np.ndarray) -> float:
@@ -111,7 +118,7 @@ def accuracy(csv_path: Path, truth: np.ndarray) -> float:
 
 
 def benchmark(model, predict_script, work_dir, sizes: dict, processes, baseline_src=None, log=print,
-              repeats: int = 2) -> dict:
+              repeats: int = 2, baseline_note: str = "") -> dict:
     work_dir = Path(work_dir)
     sets = make_sets(work_dir, sizes)
     single = work_dir / "one.png"
@@ -134,7 +141,7 @@ def benchmark(model, predict_script, work_dir, sizes: dict, processes, baseline_
     return {"benchmark": "predict", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
             "versions": sysinfo.versions("torch", "onnxruntime", "numpy", "pillow", "accelerate"),
             "settings": {"model": str(model), "sets": sizes, "processes": processes,
-                         "baseline": str(baseline_src) if baseline_src else None,
+                         "baseline": str(baseline_src) if baseline_src else None, "baseline_note": baseline_note,
                          "end_to_end": "wall time less the same command's start-up on one image; the faster of "
                                        f"{repeats} runs, the fastest of 3 start-ups"},
             "results": results, "speedups": speedups(results)}
@@ -142,18 +149,19 @@ def benchmark(model, predict_script, work_dir, sizes: dict, processes, baseline_
 
 def speedups(results: list) -> list:
     base = {r["set"]: r for r in results if r["variant"].startswith("baseline")}
-    return [{"variant": r["variant"], "set": r["set"], "vs_baseline": r["images_per_s"] / base[r["set"]]["images_per_s"]}
+    return [{"variant": r["variant"], "set": r["set"],
+             "vs_baseline": r["images_per_s"] / base[r["set"]]["images_per_s"]}
             for r in results if r["set"] in base and not r["variant"].startswith("baseline")]
 
 
 def format_table(report: dict) -> str:
-    lines = ["| set | variant | images/s end to end | vs baseline | peak RSS per process | accuracy |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| set | variant | images/s end to end | vs baseline | start-up (one image) | peak RSS per process | "
+             "accuracy |", "|---|---|---|---|---|---|---|"]
     ratio = {(s["variant"], s["set"]): s["vs_baseline"] for s in report["speedups"]}
     for r in sorted(report["results"], key=lambda r: list(SETS).index(r["set"])):
         vs = ratio.get((r["variant"], r["set"]))
         lines.append(f"| {r['set']} ({r['inputs']:,}) | {r['variant']} | {r['images_per_s']:,.0f} | "
-                     f"{'-' if vs is None else f'{vs:.2f}x'} | {r['peak_rss_mb']:,.0f} MB | "
+                     f"{'-' if vs is None else f'{vs:.2f}x'} | {r['startup_s']:.2f} s | {r['peak_rss_mb']:,.0f} MB | "
                      f"{100 * r['accuracy']:.2f}% |")
     return "\n".join(lines)
 
@@ -163,6 +171,6 @@ def readme_table(reports: list) -> str:
     for report in reports:
         m = report["machine"]
         lines += [f"**{m['cpu']} ({m.get('cpu_capability', '?')}), {m['cores']} cores**, from {report['_source']}; "
-                  f"baseline: the previous `predict` (one process, no decode threads, arrays loaded whole):", "",
+                  f"baseline: {report['settings'].get('baseline_note') or OLDEST_BASELINE}:", "",
                   format_table(report), ""]
     return "\n".join(lines).rstrip()

@@ -186,7 +186,7 @@ def benchmark(train_script, data_dir, quick: bool, presets: list, processes: lis
 
 def by_recipe(results: list) -> list:
     """Results grouped by recipe name (one group per name, seeds together), in the order they ran."""
-    groups = {}
+    groups: dict = {}
     for r in results:
         groups.setdefault(r["name"], []).append(r)
     return list(groups.values())

@@ -40,6 +40,11 @@ class TensorBatches(torch.utils.data.Dataset):
         return TensorBatches(self.images.to(device), self.labels.to(device))
 
 
+def global_batches(images: int, batch_size: int, processes: int) -> int:
+    """Batches in an epoch of ``images`` when each of ``processes`` takes ``batch_size`` (the last one padded)."""
+    return -(-images // (batch_size * processes))
+
+
 class ShardedBatches:
     """Training batches cut straight from (device-resident) tensors, one disjoint shard per process.
 
@@ -61,7 +66,7 @@ class ShardedBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // (self.batch_size * self.num_processes))
+        return global_batches(len(self.dataset), self.batch_size, self.num_processes)
 
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the current epoch, batch after batch."""

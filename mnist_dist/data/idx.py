@@ -4,6 +4,8 @@ An IDX file is a 4-byte magic number (two zero bytes, a type code, the number of
 dimensions), one big-endian uint32 per dimension, then the values. MNIST uses only
 unsigned bytes (type 0x08): images are 3-D (magic 2051), labels 1-D (magic 2049).
 """
+from __future__ import annotations
+
 import numpy as np
 
 IMAGES_MAGIC = 2051  # uint8, 3 dimensions
@@ -33,7 +35,7 @@ def parse_header(head, total_size: int) -> tuple:
     return int.from_bytes(head[:4], "big"), dims, offset
 
 
-def from_bytes(raw: bytes) -> np.ndarray:
+def from_bytes(raw: bytes | bytearray) -> np.ndarray:
     """The values of an IDX file held in memory, shaped by its header (a view, not a copy)."""
     _, dims, offset = parse_header(raw, len(raw))
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)

@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from . import idx
 
 DATA_DIR_ENV = "MNIST_DATA_DIR"
@@ -70,7 +70,8 @@ def raw_folder(root) -> Path:
 
 
 def holds_mnist(root: Path) -> bool:
-    return all((raw_folder(root) / name).is_file() for images, labels, _ in SPLITS.values() for name in (images, labels))
+    names = [name for images, labels, _ in SPLITS.values() for name in (images, labels)]
+    return all((raw_folder(root) / name).is_file() for name in names)
 
 
 def load_split(split: str, data_dir=None, download: bool = True, source: Optional[Source] = None) -> tuple:
@@ -112,7 +113,7 @@ def checked(raw: bytearray, label: str, magic: int, shape: tuple, where: str) ->
         raise UserError(f"{label} is corrupt or truncated ({e}): " + HOW_TO_SUPPLY.format(raw=where)) from e
 
 
-@lru_cache(maxsize=None)
+@cache
 def bundled_sums() -> dict:
     text = (resources.files(__package__) / "bundled" / BUNDLED_SUMS).read_text()
     return {name.strip(): digest for digest, name in (line.split(None, 1) for line in text.splitlines() if line)}
@@ -154,10 +155,10 @@ def torchvision_download(root: Path, split: str) -> None:
     try:
         datasets.MNIST(root=str(root), train=split == "train", download=True)
     except RuntimeError as e:  # torchvision: "Error downloading ..." or "Dataset not found ..."
-        raise UserError(f"MNIST not found under {root} and not downloadable ({_one_line(e)}): "
+        raise UserError(f"MNIST not found under {root} and not downloadable ({one_line(e) or type(e).__name__}): "
                         + HOW_TO_SUPPLY.format(raw=raw_folder(root))) from e
     except OSError as e:  # no network, or an unwritable folder
-        raise UserError(f"MNIST could not be downloaded into {root} ({_one_line(e)}): "
+        raise UserError(f"MNIST could not be downloaded into {root} ({one_line(e) or type(e).__name__}): "
                         + HOW_TO_SUPPLY.format(raw=raw_folder(root))) from e
 
 
@@ -176,7 +177,3 @@ def write_raw_files(root, source: Optional[Source] = None) -> Path:
             else:
                 shutil.copyfile(raw_folder(source.root) / name, raw / name)
     return Path(root)
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

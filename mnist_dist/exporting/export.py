@@ -13,10 +13,10 @@ import torch
 
 from .. import atomic
 from ..errors import UserError
-from ..inference.runtimes import load_reference, quiet_torchscript
+from ..inference import manifest as manifest_lib
+from ..inference.torch_runtime import quiet_torchscript
 from ..model import IMAGE_SIZE
 from ..training import checkpoint
-from ..inference import manifest as manifest_lib
 from .validate import ATOL, BATCH_SIZES, RTOL, check_onnx_file, test_images, validate_artifacts
 
 
@@ -89,7 +89,7 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
     model, state = checkpoint.load_model(ckpt_path)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
-    contract = manifest_lib.contract(model.config)
+    contract = manifest_lib.contract(model.config, IMAGE_SIZE)
     images, labels = test_images(contract, data_dir, download)
     out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.absolute().parent))
@@ -101,8 +101,9 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
         check_onnx_file(staging / manifest_lib.ARTIFACTS["onnx"], contract)
         write_pt2(model, staging / manifest_lib.ARTIFACTS["pt2"])
         log(f"Validating against PyTorch on {len(images):,} test images")
-        results = validate_artifacts(staging, load_reference(staging / manifest_lib.REFERENCE), images, labels)
-        manifest = build_manifest(staging, ckpt_path, state, model, contract, results)
+        draft = build_manifest(staging, ckpt_path, state, model, contract)
+        results = validate_artifacts(staging, draft, images, labels)
+        manifest = with_validation(draft, results)
         atomic.write_json(staging / manifest_lib.MANIFEST, manifest)
         publish(staging, out_dir)
     finally:
@@ -110,11 +111,12 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
     return manifest, results
 
 
-def build_manifest(folder: Path, ckpt_path: Path, state: dict, model, contract: dict, results: list) -> dict:
+def build_manifest(folder: Path, ckpt_path: Path, state: dict, model, contract: dict) -> dict:
+    """The folder's manifest before validation: what each file is, and its hash."""
     files = [manifest_lib.REFERENCE, *manifest_lib.ARTIFACTS.values()]
     return {
         "format_version": manifest_lib.FORMAT_VERSION,
-        "status": "validated",
+        "status": "unvalidated",
         "source_checkpoint": {"path": str(ckpt_path.absolute()), "sha256": manifest_lib.sha256(ckpt_path),
                               "epoch": state.get("epoch")},
         "model_config": model.config,
@@ -122,9 +124,16 @@ def build_manifest(folder: Path, ckpt_path: Path, state: dict, model, contract: 
         "artifacts": dict(manifest_lib.ARTIFACTS, reference=manifest_lib.REFERENCE),
         "files": {name: manifest_lib.describe_file(folder / name) for name in files},
         "opset": manifest_lib.OPSET,
+        "versions": versions(),
+    }
+
+
+def with_validation(manifest: dict, results: list) -> dict:
+    return {
+        **manifest,
+        "status": "validated",
         "pytorch_test_accuracy": results[0]["accuracy"],
         "validation": {r["artifact"]: {k: r[k] for k in ("max_abs_diff", "argmax_mismatches", "accuracy")}
                        for r in results[1:]},
         "validation_tolerance": {"rtol": RTOL, "atol": ATOL, "batch_sizes": list(BATCH_SIZES)},
-        "versions": versions(),
     }

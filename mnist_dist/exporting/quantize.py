@@ -12,9 +12,10 @@ import numpy as np
 from .. import atomic
 from ..data import mnist
 from ..errors import UserError
-from ..inference import runtimes
-from ..scores import accuracy
 from ..inference import manifest as manifest_lib
+from ..inference import runtimes
+from ..inference.models import open_model
+from ..scores import accuracy
 from .validate import test_images
 
 INT8_FILE = "model.int8.onnx"
@@ -57,12 +58,12 @@ def quantize(model_dir, data_dir=None, calibration_images: int = 2000, download=
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             per_channel=True, calibrate_method=CalibrationMethod.MinMax,
         )
+        manifest["artifacts"]["int8"] = INT8_FILE
+        manifest["files"][INT8_FILE] = manifest_lib.describe_file(quantized)
         images, labels = test_images(manifest, data_dir, download)
-        int8_accuracy = runner_accuracy(runtimes.load_onnx(quantized), images, labels)
-        fp32_accuracy = runner_accuracy(runtimes.load_onnx(fp32), images, labels)
+        int8_accuracy = runner_accuracy(open_model(quantized, "onnxruntime", manifest=manifest), images, labels)
+        fp32_accuracy = runner_accuracy(open_model(fp32, "onnxruntime", manifest=manifest), images, labels)
         shutil.move(str(quantized), model_dir / INT8_FILE)  # same file system: an atomic rename
-    manifest["artifacts"]["int8"] = INT8_FILE
-    manifest["files"][INT8_FILE] = manifest_lib.describe_file(model_dir / INT8_FILE)
     manifest["int8"] = {"accuracy": int8_accuracy, "onnx_fp32_accuracy": fp32_accuracy,
                         "accuracy_drop_points": 100 * (fp32_accuracy - int8_accuracy),
                         "method": "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, MinMax",

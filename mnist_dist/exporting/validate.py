@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 
 from ..data import mnist
-from ..errors import UserError
-from ..inference import runtimes
-from ..scores import accuracy
+from ..errors import UserError, one_line
 from ..inference import manifest as manifest_lib
+from ..inference.models import open_model
+from ..scores import accuracy
 
 RTOL, ATOL = 1e-3, 1e-5
 BATCH_SIZES = (1, 7, 10_000)
@@ -30,7 +30,7 @@ def check_onnx_file(path, contract: dict) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx raises ValidationError, protobuf DecodeError, ...
-        raise ValidationFailed(f"{path} fails the ONNX checker: {' '.join(str(e).split())[:300]}") from e
+        raise ValidationFailed(f"{path} fails the ONNX checker: {one_line(e)}") from e
     graph = onnx.load(str(path), load_external_data=False).graph
     (inp,), (out,) = graph.input, graph.output
     if (inp.name, out.name) != (contract["input"]["name"], contract["output"]["name"]):
@@ -63,16 +63,19 @@ def check_runner(name, runner, eager_logits: dict, images, labels) -> dict:
     return result
 
 
-def validate_artifacts(folder, eager, images, labels) -> list:
-    """Check every artifact in ``folder`` against the ``eager`` runner; raise ValidationFailed on a mismatch."""
+def validate_artifacts(folder, manifest: dict, images, labels) -> list:
+    """Check every artifact in ``folder`` against the eager reference, each opened as its users open it (listed
+    in ``manifest``, hashes checked; ONNX through onnxruntime); raise ValidationFailed on a mismatch."""
     folder = Path(folder)
+    eager = open_model(folder / manifest_lib.REFERENCE, manifest=manifest)
     sizes = [min(b, len(images)) for b in BATCH_SIZES if b < len(images)] + [len(images)]
     eager_logits = {b: eager(images[:b]).astype(np.float64) for b in sizes}
     eager_accuracy = accuracy(eager_logits[len(images)], labels)
     results = [{"artifact": "pytorch", "max_abs_diff": 0.0, "excess": None, "worst_batch": None,
                 "argmax_mismatches": 0, "accuracy": eager_accuracy, "ok": True}]
     for name, filename in manifest_lib.ARTIFACTS.items():
-        results.append(check_runner(name, runtimes.load_runner(folder / filename), eager_logits, images, labels))
+        runner = open_model(folder / filename, runtime="onnxruntime", manifest=manifest)
+        results.append(check_runner(name, runner, eager_logits, images, labels))
     failed = [r for r in results if not r["ok"]]
     if failed:
         worst = max(failed, key=lambda r: (r["argmax_mismatches"], r["excess"]))
@@ -93,7 +96,7 @@ def validate_folder(folder, data_dir=None, download: bool = True) -> list:
         raise ValidationFailed(f"{folder}: {', '.join(changed)} missing or changed since export (sha256 mismatch)")
     check_onnx_file(folder / manifest_lib.ARTIFACTS["onnx"], manifest)
     images, labels = test_images(manifest, data_dir, download)
-    results = validate_artifacts(folder, runtimes.load_runner(folder / manifest_lib.REFERENCE), images, labels)
+    results = validate_artifacts(folder, manifest, images, labels)
     recorded = manifest.get("pytorch_test_accuracy")
     if recorded is not None and abs(results[0]["accuracy"] - recorded) > 1e-9:
         raise ValidationFailed(f"PyTorch accuracy {results[0]['accuracy']:.4%} differs from the manifest's "

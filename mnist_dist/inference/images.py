@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import one_line
+
 INK = 0.2  # a pixel is ink if it is brighter than this share of the brightest (after background removal)
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself while both sides stay at least this many
 # times the digit's box: a 1024x768 phone scan decodes at 256x192, several times faster, and the digit
@@ -28,16 +30,17 @@ def open_grayscale(source, box: int = 0) -> np.ndarray:
     white. With ``box``, large JPEGs are decoded at a reduced scale (see DRAFT_BOXES).
     """
     try:
-        with Image.open(source) as img:
-            if box and img.format == "JPEG":
-                img.draft("L", (DRAFT_BOXES * box, DRAFT_BOXES * box))
-            img.load()
+        with Image.open(source) as opened:
+            if box and opened.format == "JPEG":
+                opened.draft("L", (DRAFT_BOXES * box, DRAFT_BOXES * box))
+            opened.load()
+            img: Image.Image = opened
             if img.info.get("exif"):  # most images carry none, and reading it costs as much as decoding a PNG
                 img = ImageOps.exif_transpose(img)
             return to_gray(img)
     except Exception as e:  # any decoder failure is this file's problem alone, never the batch's
         reason = str(e) if isinstance(source, (str, Path)) else str(e).replace(f" {source!r}", "")
-        raise BadImage(f"not a readable image ({' '.join(reason.split())[:120]})") from e
+        raise BadImage(f"not a readable image ({one_line(reason, 120)})") from e
 
 
 def to_gray(img: Image.Image) -> np.ndarray:
@@ -84,7 +87,7 @@ def fit_box(digit: np.ndarray, box: int) -> np.ndarray:
     scale = box / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     img = Image.fromarray((255 * digit / digit.max()).astype(np.uint8))
-    return np.asarray(img.resize(size, Image.LANCZOS), dtype=np.float32)
+    return np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
 
 
 def centre_by_mass(digit: np.ndarray, size: tuple) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..data import idx
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .images import BadImage, light_background, open_grayscale, to_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
@@ -93,7 +93,7 @@ def open_array(path: Path, size: tuple) -> np.ndarray:
             array = idx.open_file(path)
     except (OSError, ValueError, EOFError) as e:  # idx.IdxError is a ValueError
         kind = ".npy" if path.suffix.lower() == ".npy" else "IDX"
-        raise BadImage(f"not a readable {kind} file ({' '.join(str(e).split())[:120]})") from e
+        raise BadImage(f"not a readable {kind} file ({one_line(e, 120)})") from e
     shape = array.shape
     if not (len(shape) == 3 and shape[1:] == size) and not (len(shape) == 4 and shape[1:] == (1, *size)):
         expected = ",".join(map(str, size))
@@ -213,8 +213,8 @@ def array_item(index: int, name: str, values, framing: Framing) -> Item:
     top = 255 if whole else 1
     if pixels.min() < 0 or pixels.max() > top:
         return Item(index, name, error=f"values must lie in 0..{top} ({'integers' if whole else 'floats'})")
-    pixels = pixels.astype(np.float32) * (1 if whole else 255)
-    return Item(index, name, polarity(pixels[None], framing.invert)[0])
+    scaled = pixels.astype(np.float32) * (1 if whole else 255)
+    return Item(index, name, polarity(scaled[None], framing.invert)[0])
 
 
 def polarity(rows: np.ndarray, invert: str) -> np.ndarray:

@@ -1,8 +1,11 @@
 """The exported model's contract and manifest.
 
-Every consumer (validate, bench, predict) reads the input contract from
-``manifest.json`` beside the model files instead of assuming it.
+Every consumer (validate, bench, predict, serve) reads the input contract from
+``manifest.json`` beside the model files instead of assuming it: only the model
+and the exporter, which writes it, know MNIST's 28x28.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 from pathlib import Path
@@ -10,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..model import IMAGE_SIZE
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -20,12 +22,12 @@ REFERENCE = "reference.pt"  # the eager weights every artifact is checked agains
 DIGIT_BOX = 20  # MNIST fits each digit into 20x20 pixels, then centres it in 28x28
 
 
-def contract(model_config: dict) -> dict:
+def contract(model_config: dict, image_size: int) -> dict:
     """What a model expects and returns; the same for every artifact in the folder."""
     return {
         "input": {
             "name": "images",
-            "shape": ["batch", model_config["in_channels"], IMAGE_SIZE, IMAGE_SIZE],
+            "shape": ["batch", model_config["in_channels"], image_size, image_size],
             "dtype": "float32",
             "layout": "NCHW",
             "scale": 1 / 255,
@@ -42,7 +44,8 @@ def contract(model_config: dict) -> dict:
 
 
 def model_input(pixels, contract: dict) -> np.ndarray:
-    """Pixels 0..255 ([N,28,28] or [N,1,28,28], any numeric type) -> the model's float32 input, scaled as the contract says."""
+    """Pixels 0..255 ([N,28,28] or [N,1,28,28], any numeric type) -> the model's float32 input, scaled as the
+    contract says."""
     pixels = np.asarray(pixels)
     if pixels.ndim == 3:
         pixels = pixels[:, None]
@@ -90,6 +93,18 @@ def load(model_dir) -> dict:
 def find_for_model(model_path) -> dict:
     """The manifest beside a model file."""
     return load(Path(model_path).parent)
+
+
+def check_recorded(path, manifest: dict) -> str:
+    """The sha256 of a model file, which must be the one its manifest records; a UserError otherwise."""
+    path = Path(path)
+    recorded = manifest["files"].get(path.name)
+    if recorded is None:
+        raise UserError(f"{path} is not listed in its folder's {MANIFEST}: export or quantize it again")
+    digest = sha256(path)
+    if digest != recorded["sha256"]:
+        raise UserError(f"{path} differs from the file recorded in its manifest (sha256 mismatch)")
+    return digest
 
 
 def check_hashes(model_dir, manifest: dict) -> list:

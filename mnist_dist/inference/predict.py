@@ -8,104 +8,25 @@ output; the main process then joins the chunks, in order, into one file. The
 chunking does not depend on the number of processes, so 1, 2 or 16 processes,
 and a run resumed after a kill, all write the same bytes.
 """
+from __future__ import annotations
+
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from .. import atomic, launch
+from .. import atomic, extras, launch
 from ..errors import UserError
 from . import manifest as manifest_lib
-from .manifest import image_size
-from . import runtimes
 from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
 from .inputs import Framing, InputIndex
+from .manifest import image_size
+from .models import Runner, needs_torch, open_model
 from .outputs import Format, rows_for
 
 PROGRESS_FROM = 1000  # inputs; fewer finish too fast for a bar to help
-MODEL_SUFFIXES = (".onnx", ".ts", ".pt2")
-
-
-@dataclass
-class Model:
-    """An exported model ready to run: float32 [N,1,H,W] -> logits, with its manifest and how it runs."""
-
-    run: Callable
-    manifest: dict
-    runtime: str  # how it runs, for people: engine, provider or device, threads
-    sha256: str
-    engine: str  # what decides the numbers: a resumed job must keep it
-
-
-def load_model(model_path, device: str = "cpu", threads=None, runtime: str = "onnxruntime", batch: int = 256,
-               spin: bool = True) -> Model:
-    """The model file with its manifest beside it; checks that it honours the manifest's input contract.
-
-    ONNX files run in onnxruntime (its CUDA provider on a GPU process where onnxruntime-gpu is installed) or
-    OpenVINO, as ``runtime`` says ("auto": see ``runtimes.choose_runtime``, for batches of ``batch``);
-    TorchScript and torch.export files run in PyTorch on ``device``.
-    """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise UserError(f"model {model_path} does not exist")
-    if model_path.suffix not in MODEL_SUFFIXES:
-        raise UserError(f"{model_path}: --model takes model.onnx, model.int8.onnx, model.ts or model.pt2")
-    manifest = manifest_lib.find_for_model(model_path)
-    if model_path.suffix == ".onnx":
-        check_onnx_input(model_path, manifest)
-        engine, why = runtimes.choose_runtime(model_path, runtime, batch, device)
-        if engine == "onnxruntime" and device.startswith("cuda"):
-            engine = "onnxruntime-cuda"
-        if engine.startswith("onnxruntime"):
-            session = runtimes.onnx_session(model_path, threads, runtimes.onnx_providers(device), spin)
-            run, runtime = runtimes.onnx_runner(session), f"onnxruntime {session.get_providers()[0]}"
-        else:
-            precision = "bf16" if engine == "openvino-bf16" else "fp32"
-            run, runtime = runtimes.load_openvino(model_path, threads, precision), f"openvino CPU {precision}"
-        runtime += f" ({why})" if why else ""
-    else:
-        try:
-            run = runtimes.load_runner(model_path, device)
-        except Exception as e:  # torch raises many types for a corrupt or foreign file
-            raise UserError(f"cannot load {model_path}: {' '.join(str(e).split())[:200]}") from e
-        engine = "torchscript" if model_path.suffix == ".ts" else "torch.export"
-        runtime = f"{engine} on {device}"
-    if threads and "CUDA" not in runtime and not runtime.endswith("cuda"):
-        runtime += f", {threads} thread{'s' if threads > 1 else ''}"
-    check_output_shape(model_path, run, manifest)
-    return Model(run, manifest, runtime, manifest_lib.sha256(model_path), engine)
-
-
-def check_onnx_input(path: Path, manifest: dict) -> None:
-    """The graph takes one [batch, 1, 28, 28] input with a free batch dimension, whichever runtime runs it."""
-    import onnx
-
-    try:
-        inputs = onnx.load(str(path), load_external_data=False).graph.input
-    except Exception as e:  # protobuf's DecodeError and others, for a truncated or foreign file
-        raise UserError(f"cannot load ONNX model {path}: {' '.join(str(e).split())[:200]}") from e
-    if len(inputs) != 1:
-        raise UserError(f"{path} takes {len(inputs)} inputs; expected one image batch")
-    dims = [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    expected = manifest["input"]["shape"][1:]
-    if len(dims) != 4 or dims[1:] != expected or not isinstance(dims[0], str):
-        raise UserError(f"{path}: input shape {dims}; expected [batch, {', '.join(map(str, expected))}]")
-
-
-def check_output_shape(path: Path, run, manifest: dict) -> None:
-    """TorchScript declares no shapes: a trial batch of two shows whether the contract holds."""
-    expected = (2, len(manifest["classes"]))
-    try:
-        probe = run(np.zeros((2, *manifest["input"]["shape"][1:]), np.float32))
-    except Exception as e:  # the runtime's own error for a mismatched model
-        raise UserError(f"{path} does not accept {manifest['input']['shape']} input "
-                        f"({' '.join(str(e).split())[:200]})") from e
-    if probe.shape != expected:
-        raise UserError(f"{path} returns shape {probe.shape} for 2 images; expected {expected}")
 
 
 def framing(manifest: dict, invert: str) -> Framing:
@@ -119,22 +40,22 @@ def model_batch(items: list, contract: dict) -> tuple:
     return good, manifest_lib.model_input(pixels, contract)
 
 
-def label(items: list, model: Model, batch_size: int) -> tuple:
+def label(items: list, model: Runner, batch_size: int) -> tuple:
     """(one row per item, in order; seconds spent in the model). Failed items keep their error."""
     good, batch = model_batch(items, model.manifest)
-    logits, seconds = [], 0.0
+    parts, seconds = [], 0.0
     for start in range(0, len(good), batch_size):
         t0 = time.perf_counter()
-        logits.append(model.run(batch[start : start + batch_size]))
+        parts.append(model.run(batch[start : start + batch_size]))
         seconds += time.perf_counter() - t0
-    logits = np.concatenate(logits) if logits else np.zeros((0, len(model.manifest["classes"])), np.float32)
+    logits = np.concatenate(parts) if parts else np.zeros((0, len(model.manifest["classes"])), np.float32)
     return rows_for(items, good, logits, model.manifest["classes"]), seconds
 
 
 def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, show_progress=True,
             runtime: str = "onnxruntime") -> tuple:
     """Label inputs in this process and return (rows in input order, summary); for libraries and tests."""
-    model = load_model(model_path, runtime=runtime, batch=batch_size)
+    model = open_model(model_path, runtime=runtime, batch=batch_size)
     index = InputIndex.build(inputs, framing(model.manifest, invert))
     started = time.perf_counter()
     rows, model_s = [], 0.0
@@ -147,7 +68,7 @@ def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, sho
     bar.close()
     failed = sum(1 for row in rows if row["error"])
     model_rate = (len(rows) - failed) / model_s if model_s > 0 else 0.0
-    return rows, summarise(len(rows), failed, len(rows), time.perf_counter() - started, model_rate, [model.runtime])
+    return rows, summarise(len(rows), failed, len(rows), time.perf_counter() - started, model_rate, [model.description])
 
 
 def summarise(inputs: int, failed: int, labelled: int, seconds: float, model_rate: float, runtimes_: list) -> dict:
@@ -170,12 +91,12 @@ def describe(summary: dict, out=None) -> str:
 class JobOptions:
     inputs: tuple
     model_path: str
-    out: str = None
+    out: str | None = None
     invert: str = "auto"
     batch_size: int = 256
     resume: bool = False
-    workers: int = None
-    threads: int = None
+    workers: int | None = None
+    threads: int | None = None
     cpu: bool = False
     chunk_size: int = CHUNK
     runtime: str = "auto"
@@ -186,9 +107,12 @@ def run_job(opts: JobOptions, echo=print) -> dict:
     """Label every input across however many processes were launched; the main process writes --out.
 
     Returns the summary (on every process). Bad input raises UserError on every process, before any
-    work and before the output folder is touched.
+    work and before the output folder is touched. Accelerate (and torch) start only where the job has
+    several processes or a TorchScript / torch.export model.
     """
-    accelerator = launch.make_accelerator(cpu=opts.cpu)
+    if needs_torch(opts.model_path):
+        extras.require("train", f"predict with {opts.model_path}")
+    accelerator = launch.job_processes(opts.cpu, needs_torch(opts.model_path))
     try:
         return _run_job(opts, accelerator, echo)
     finally:
@@ -199,8 +123,8 @@ def _run_job(opts: JobOptions, accelerator, echo) -> dict:
     if opts.out is None and accelerator.num_processes > 1:
         raise UserError("--out is required when several processes label the inputs")
     out = atomic.check_output_file(opts.out, "--out") if opts.out else None
-    threads, _ = launch.apply_threads(opts.threads)
-    model = load_model(opts.model_path, str(accelerator.device), threads, opts.runtime, opts.batch_size)
+    threads, _ = launch.choose_threads(opts.threads)
+    model = open_model(opts.model_path, opts.runtime, threads, str(accelerator.device), opts.batch_size)
     started = time.perf_counter()  # end to end from here: enumerating, decoding, labelling, writing
     index = InputIndex.build(opts.inputs, framing(model.manifest, opts.invert))
     fmt = Format(out)
@@ -218,9 +142,10 @@ def _run_job(opts: JobOptions, accelerator, echo) -> dict:
     finished = [r for r in mine if store is not None and store.done(r[0])]  # by the run being resumed
     todo = [r for r in mine if r not in finished]
     labelled, failed, model_s = label_ranges(opts, index, model, store, todo, accelerator, echo, fmt, threads)
-    failed += sum(store.failures(k) for k, _, _ in finished)
+    if store is not None:
+        failed += sum(store.failures(k) for k, _, _ in finished)
     accelerator.wait_for_everyone()
-    stats = gather_stats(accelerator, labelled, failed, model_s, model.runtime)
+    stats = gather_stats(accelerator, labelled, failed, model_s, model.description)
     if store is not None and accelerator.is_main_process:
         store.merge(fmt)
     summary = summarise(index.total, stats["failed"], stats["labelled"], time.perf_counter() - started,
@@ -237,7 +162,8 @@ def label_ranges(opts, index, model, store, todo, accelerator, echo, fmt: Format
     model_s = 0.0
     workers = opts.workers or threads
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = index.read_later(todo[0][1], todo[0][2], pool, workers) if todo else None
+        if todo:
+            pending = index.read_later(todo[0][1], todo[0][2], pool, workers)
         for position, (k, start, stop) in enumerate(todo):
             items = pending()
             if position + 1 < len(todo):
@@ -257,11 +183,13 @@ def label_ranges(opts, index, model, store, todo, accelerator, echo, fmt: Format
 
 
 def gather_stats(accelerator, labelled: int, failed: int, model_s: float, runtime: str) -> dict:
-    from accelerate.utils import gather_object
-
     mine = [{"labelled": labelled, "failed": failed, "model_s": model_s, "runtime": runtime,
              "peak_rss_mb": peak_rss_mb()}]
-    every = gather_object(mine) if accelerator.num_processes > 1 else mine
+    every = mine
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        every = gather_object(mine)
     # The model's own rate: the processes run side by side, so their rates add up.
     return {"labelled": sum(s["labelled"] for s in every), "failed": sum(s["failed"] for s in every),
             "model_images_per_s": sum(s["labelled"] / s["model_s"] for s in every if s["model_s"] > 0),

@@ -1,53 +1,24 @@
-"""Run an exported model (TorchScript, ONNX through onnxruntime, torch.export) or the eager reference.
+"""The engines an ONNX file runs in: onnxruntime (CPU, or its CUDA provider) and OpenVINO, and the rule that
+picks one. Torch-free: TorchScript and torch.export files run in ``torch_runtime``.
 
-Each loader returns a function: float32 numpy [N,1,28,28] -> float32 numpy logits [N,10].
+Each loader returns (run, declared input shape): run maps float32 numpy [N,1,28,28] to float32 logits [N,10];
+the shape is the input as the engine reports it, a free dimension as a name or None.
 """
-import os
-import warnings
-from contextlib import contextmanager
+from __future__ import annotations
+
+import json
+import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..errors import UserError
+from .. import extras
+from ..errors import UserError, one_line
+from ..sysinfo import native_cpu_bf16
 
-
-@contextmanager
-def quiet_torchscript():
-    """torch >= 2.11 deprecates torch.jit with a FutureWarning on every call. TorchScript is still
-    offered on purpose (C++ libtorch and older serving stacks load it), so the warning is silenced
-    here, where we call it knowingly, and nowhere else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.")
-        yield
-
-
-def _torch_runner(module, device="cpu"):
-    module = module.to(device)
-
-    @torch.inference_mode()
-    def run(images: np.ndarray) -> np.ndarray:
-        return module(torch.from_numpy(images).to(device)).float().cpu().numpy()
-
-    return run
-
-
-def load_torchscript(path, device="cpu"):
-    with quiet_torchscript():
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-    return _torch_runner(module, device)
-
-
-def load_pt2(path, device="cpu"):
-    return _torch_runner(torch.export.load(str(path)).module(), device)
-
-
-def load_reference(path, device="cpu"):
-    from ..training.checkpoint import load_model
-
-    model, _ = load_model(path)
-    return _torch_runner(model, device)
+ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
+RUNTIME_CHOICES = ("auto", *ENGINES)
+AUTO_OPENVINO_FROM = 64  # images per batch; measured: below this onnxruntime answers sooner, above OpenVINO is faster
 
 
 def onnx_providers(device: str = "cpu") -> list:
@@ -75,25 +46,22 @@ def onnx_session(path, threads=None, providers=None, spin: bool = True):
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        raise UserError(f"cannot load ONNX model {path}: {' '.join(str(e).split())[:300]}") from e
+        raise UserError(f"cannot load ONNX model {path}: {one_line(e)}") from e
 
 
-def onnx_runner(session):
-    input_name = session.get_inputs()[0].name
+def load_onnxruntime(path, threads=None, device: str = "cpu", spin: bool = True) -> tuple:
+    """(run, input shape, description) of an ONNX file in onnxruntime."""
+    session = onnx_session(path, threads, onnx_providers(device), spin)
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise UserError(f"{path} takes {len(inputs)} inputs; expected one image batch")
+    name = inputs[0].name
 
     def run(images: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: images})[0]
+        return session.run(None, {name: images})[0]
 
-    return run
-
-
-def load_onnx(path, threads=None, providers=None):
-    return onnx_runner(onnx_session(path, threads, providers))
-
-
-ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
-RUNTIME_CHOICES = ("auto", *ENGINES)
-AUTO_OPENVINO_FROM = 64  # images per batch; measured: below this onnxruntime answers sooner, above OpenVINO is faster
+    # What really runs: the first provider the session kept (CPU where the CUDA provider could not start).
+    return run, list(inputs[0].shape), f"onnxruntime {session.get_providers()[0]}"
 
 
 def choose_runtime(path, requested: str, batch: int, device: str = "cpu") -> tuple:
@@ -115,8 +83,6 @@ def choose_runtime(path, requested: str, batch: int, device: str = "cpu") -> tup
 
 
 def fastest_in_bench(path: Path, batch: int):
-    import json
-
     bench = path.parent / "bench.json"
     if not bench.is_file():
         return None
@@ -136,33 +102,24 @@ def fastest_in_bench(path: Path, batch: int):
 
 
 def openvino_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("openvino") is not None
+    return not extras.missing("openvino")
 
 
 def openvino_core():
-    try:
-        import openvino
-    except ImportError as e:
-        raise UserError("the openvino runtime needs the openvino extra: pip install 'mnist-dist[openvino]'") from e
-    return openvino.Core()
+    return extras.load("openvino", "openvino", "the openvino runtime").Core()
 
 
 def openvino_bf16() -> bool:
     """bf16 in OpenVINO only where the CPU computes it natively (AVX-512 BF16, AMX): elsewhere it is emulated."""
-    from ..launch import native_cpu_bf16
-
     return native_cpu_bf16() and "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def load_openvino(path, threads=None, precision: str = "fp32"):
-    """An ONNX file compiled by OpenVINO for this CPU, batch dynamic; ``precision`` fp32 or bf16 (native only).
+def load_openvino(path, threads=None, precision: str = "fp32") -> tuple:
+    """(run, input shape, description) of an ONNX file compiled by OpenVINO for this CPU, batch dynamic;
+    ``precision`` fp32 or bf16 (native only).
 
     Each thread gets its own infer request: one compiled model may serve concurrent callers, a request may not.
     """
-    import threading
-
     core = openvino_core()
     if precision == "bf16" and not openvino_bf16():
         raise UserError("bf16 needs a CPU that computes it natively (AVX-512 BF16 or AMX); this one does not: "
@@ -173,7 +130,10 @@ def load_openvino(path, threads=None, precision: str = "fp32"):
     try:
         compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own for unreadable models
-        raise UserError(f"OpenVINO cannot load {path}: {' '.join(str(e).split())[:300]}") from e
+        raise UserError(f"OpenVINO cannot load {path}: {one_line(e)}") from e
+    if len(compiled.inputs) != 1:
+        raise UserError(f"{path} takes {len(compiled.inputs)} inputs; expected one image batch")
+    shape = [d.get_length() if d.is_static else None for d in compiled.inputs[0].get_partial_shape()]
     local = threading.local()
 
     def run(images: np.ndarray) -> np.ndarray:
@@ -182,28 +142,17 @@ def load_openvino(path, threads=None, precision: str = "fp32"):
         # The output tensor is the request's own memory, reused by its next call: copy it out.
         return np.array(local.request.infer({0: images})[0], copy=True)
 
-    return run
+    return run, shape, f"openvino CPU {precision}"
 
 
-TORCH_LOADERS = {".ts": load_torchscript, ".pt2": load_pt2, ".pt": load_reference}
-
-
-def load_runner(path, device="cpu"):
-    """A runner for any exported file: ONNX through onnxruntime (on the CPU), the others in PyTorch on ``device``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model {path} does not exist")
-    if path.suffix == ".onnx":
-        return load_onnx(path)
-    loader = TORCH_LOADERS.get(path.suffix)
-    if loader is None:
-        raise UserError(f"{path}: unknown model type (expected one of .onnx, {', '.join(TORCH_LOADERS)})")
-    return loader(path, device)
+def load_engine(path, engine: str, threads=None, device: str = "cpu", spin: bool = True) -> tuple:
+    """(run, input shape, description) of an ONNX file in ``engine`` (one of ENGINES)."""
+    if engine == "onnxruntime":
+        return load_onnxruntime(path, threads, device, spin)
+    if engine in ("openvino", "openvino-bf16"):
+        return load_openvino(path, threads, "bf16" if engine == "openvino-bf16" else "fp32")
+    raise UserError(f"unknown runtime {engine!r}; choose from {', '.join(RUNTIME_CHOICES)}")
 
 
 def run_batched(runner, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([runner(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -8,10 +8,10 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .. import atomic  # noqa: E402
+from .. import atomic
 
 DPI = 100
 GRID_SIZE_IN = (6, 6)
@@ -95,8 +95,9 @@ def confusion(cm: np.ndarray, path, classes) -> dict:
     ax.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=f"Confusion matrix ({cm.sum():,} test images)")
     fig.tight_layout()
+    diagonal = [t for t in ax.texts if t.get_position()[0] == t.get_position()[1]]
     drawn = {"cells": len(ax.texts), "annotated_total": sum(int(t.get_text()) for t in ax.texts),
-             "annotated_diagonal": sum(int(t.get_text()) for t in ax.texts if t.get_position()[0] == t.get_position()[1])}
+             "annotated_diagonal": sum(int(t.get_text()) for t in diagonal)}
     save(fig, path)
     return drawn
 

@@ -9,6 +9,7 @@ from ..data import mnist
 from ..errors import UserError
 from ..inference import manifest as manifest_lib
 from ..inference import runtimes
+from ..inference.models import open_model
 from ..scores import softmax
 from . import plots
 
@@ -53,7 +54,7 @@ def per_class(cm: np.ndarray) -> list:
 def predict_test_set(model_dir, manifest: dict, data_dir=None, download=True) -> tuple:
     """(uint8 images, labels, predictions, confidences) of the folder's ONNX model on the test set."""
     images, labels = mnist.load_split("test", data_dir, download)
-    runner = runtimes.load_runner(Path(model_dir) / manifest["artifacts"]["onnx"])
+    runner = open_model(Path(model_dir) / manifest["artifacts"]["onnx"], "onnxruntime", manifest=manifest)
     probabilities = softmax(runtimes.run_batched(runner, manifest_lib.model_input(images.numpy(), manifest), 1000))
     return images.numpy(), labels.numpy(), probabilities.argmax(1), probabilities.max(1)
 
@@ -104,7 +105,8 @@ def render_markdown(summary: dict, manifest: dict, bench) -> str:
         "",
     ]
     if bench:
-        lines += ["| runtime | batch | images/s | p50 ms | p90 ms | p99 ms | accuracy |", "|---|---|---|---|---|---|---|"]
+        lines += ["| runtime | batch | images/s | p50 ms | p90 ms | p99 ms | accuracy |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['runtime']} | {r['batch']} | {r['images_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
                   f"| {r['p99_ms']:.2f} | {100 * r['accuracy']:.2f}% |" for r in bench["results"]]
     else:

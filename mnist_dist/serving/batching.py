@@ -9,6 +9,7 @@ Under load batches form without waiting; alone, a request waits at most
 ``max_wait``.
 """
 import asyncio
+from typing import Optional
 
 import numpy as np
 
@@ -16,12 +17,12 @@ import numpy as np
 class MicroBatcher:
     def __init__(self, run, max_batch: int = 64, max_wait: float = 0.002):
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
-        self.queue = None
-        self.task = None
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task: Optional[asyncio.Task] = None
         self.batches = 0  # model runs so far, for /v1/model
 
     async def start(self) -> None:
-        self.queue = asyncio.Queue()
+        self.queue = asyncio.Queue()  # bound to the running loop (Python 3.9 binds a queue at creation)
         self.task = asyncio.create_task(self.serve_forever())
 
     async def stop(self) -> None:

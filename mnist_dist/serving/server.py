@@ -27,6 +27,6 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log=
     batching = (f"micro-batching up to {options.max_batch} images or {options.max_wait_ms:g} ms"
                 if options.batching else "no batching")
     shown = f"[{host}]" if ":" in host else host
-    log(f"Serving {served.path} ({served.model.runtime}, {batching}) on http://{shown}:{sock.getsockname()[1]}/")
+    log(f"Serving {served.model.path} ({served.model.description}, {batching}) on http://{shown}:{sock.getsockname()[1]}/")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

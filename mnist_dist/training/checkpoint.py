@@ -11,7 +11,7 @@ import torch
 
 from .. import atomic
 from ..errors import UserError
-from ..model import build_model
+from ..model import from_state
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch_(\d+)\.pt$")
@@ -74,8 +74,7 @@ def load_model(path) -> tuple:
     """Rebuild the CNN from a checkpoint: returns (model in eval mode, checkpoint dict)."""
     state = load(path)
     try:
-        model = build_model(state["model_config"])
-        model.load_state_dict(state["model"])
+        model = from_state(state)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} does not hold this project's CNN ({_first_line(e)})") from e
     return model.eval(), state

@@ -74,14 +74,17 @@ class TrainConfig:
         for name in ("limit_batches", "threads"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.warmup < 1:
-            raise UserError(f"--warmup must be in (0, 1), got {self.warmup}")
-        if not 0 <= self.ema < 1:
-            raise UserError(f"--ema must be in [0, 1) (0 turns it off), got {self.ema}")
+        lr, smoothing, warmup, ema = self.lr, self.label_smoothing, self.warmup, self.ema
+        # fill_recipe() sets every knob before validate()
+        assert lr is not None and smoothing is not None and warmup is not None and ema is not None
+        if not lr > 0:
+            raise UserError(f"--lr must be positive, got {lr}")
+        if not 0 <= smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {smoothing}")
+        if not 0 < warmup < 1:
+            raise UserError(f"--warmup must be in (0, 1), got {warmup}")
+        if not 0 <= ema < 1:
+            raise UserError(f"--ema must be in [0, 1) (0 turns it off), got {ema}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.schedule not in SCHEDULES:

@@ -26,11 +26,11 @@ def evaluate(model, loader, gather=None) -> dict:
             loss, hit = gather((loss, hit))
         losses.append(loss)
         hits.append(hit)
-    losses, hits = torch.cat(losses), torch.cat(hits)
-    correct, samples = int(hits.sum().item()), hits.numel()
+    every_loss, every_hit = torch.cat(losses), torch.cat(hits)
+    correct, samples = int(every_hit.sum().item()), every_hit.numel()
     return {
         "test_accuracy": correct / samples,
-        "test_loss": losses.double().mean().item(),
+        "test_loss": every_loss.double().mean().item(),
         "test_samples": samples,
         "test_correct": correct,
     }

@@ -5,7 +5,6 @@ machines) or plain ``python jobs/train.py``. Checkpoints are epoch-granular:
 ``--resume latest`` continues after the last finished epoch.
 """
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +90,7 @@ def check_resumable(cfg: TrainConfig, state: dict) -> None:
 
 
 def steps_per_epoch(batch_size: int, processes: int, limit_batches=None) -> int:
-    full = math.ceil(TRAIN_IMAGES / (batch_size * processes))
+    full = batches.global_batches(TRAIN_IMAGES, batch_size, processes)
     return min(full, limit_batches or full)
 
 
@@ -102,6 +101,7 @@ def check_same_steps(cfg: TrainConfig, state: dict, processes: int) -> None:
     planned = state["train_config"]
     before = state.get("steps_per_epoch") or steps_per_epoch(planned["batch_size"], state["processes"],
                                                              planned.get("limit_batches"))
+    assert cfg.batch_size is not None  # the recipe is filled before any check
     now = steps_per_epoch(cfg.batch_size, processes, cfg.limit_batches)
     if before != now:
         raise UserError(
@@ -126,6 +126,7 @@ def prepare(cfg: TrainConfig, resume_state) -> Setup:
     job_precision = cfg.mixed_precision
     # Options not given on the command line continue the resumed run's recipe.
     cfg.fill_recipe(resume_state["train_config"] if resume_state else None).validate()
+    assert cfg.mixed_precision is not None  # fill_recipe set it
     if resume_state is not None:
         check_resumable(cfg, resume_state)
     cfg.mixed_precision, precision_by = launch.choose_mixed_precision(job_precision, cfg.mixed_precision, cfg.cpu)
@@ -298,6 +299,7 @@ def run(cfg: TrainConfig) -> dict:
     resume_state = load_resume_state(cfg)
     setup = prepare(cfg, resume_state)
     out = check_output_dir(cfg, resuming=resume_state is not None)
+    assert cfg.mixed_precision is not None  # prepare() resolved it
     accelerator = launch.make_accelerator(cfg.mixed_precision, cfg.cpu, setup.trackers, project_dir=out)
     try:
         return _run(cfg, setup, accelerator, resume_state, out, started)
