@@ -58,6 +58,15 @@ def check_output_file(path, option: str) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder, name: str = "*") -> None:
+    """Delete the temporary files that atomic_path leaves for ``name`` (every file by default) when a process is
+    killed outright (SIGKILL, a power cut). Call it only where no other process may be writing into ``folder``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -7,6 +7,7 @@ import click
 from . import extras
 from .errors import UserError
 from .inference.runtimes import RUNTIME_CHOICES
+from .launch import interruptible, launched_rank
 
 
 def friendly_errors(func):
@@ -21,8 +22,6 @@ def friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except UserError as e:
-            from .launch import launched_rank
-
             if launched_rank() != 0:
                 sys.exit(1)
             raise click.ClickException(str(e)) from None
@@ -121,10 +120,18 @@ def recipe_help(name: str, text: str) -> str:
 @requires("train")
 def train(**options):
     """Train the CNN on MNIST; run under `accelerate launch` for several processes or machines."""
+    from pathlib import Path
+
+    from . import locks
+
+    # A folder in use is refused before torch is even imported; the job checks again, and then holds it.
+    locks.check_free(Path(options["output_dir"]) / locks.RUN_LOCK, f"--output-dir {options['output_dir']}")
     from .training.config import TrainConfig
     from .training.loop import run
 
-    run(TrainConfig(**options))
+    with interruptible(f"the finished epochs are kept in {options['output_dir']}; continue with the same command "
+                       "and --resume latest"):
+        run(TrainConfig(**options))
 
 
 @main.command()
@@ -143,12 +150,12 @@ def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu, threads
 
     Works under `accelerate launch` too: the images are sharded and counted once."""
     from . import atomic
-    from .launch import launched_rank
     from .training.evaluate import evaluate_checkpoint
 
     if json_path:
         atomic.check_output_file(json_path, "--json")
-    metrics = evaluate_checkpoint(checkpoint, data_dir, batch_size, download, cpu, threads)
+    with interruptible("nothing was written; run it again"):
+        metrics = evaluate_checkpoint(checkpoint, data_dir, batch_size, download, cpu, threads)
     if json_path and launched_rank() == 0:
         atomic.write_json(json_path, metrics)
 
@@ -363,13 +370,15 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
     input failed (its row says why); every other input is still labelled."""
     from . import atomic
     from .inference.predict import JobOptions, describe, run_job
-    from .launch import launched_rank
 
     if summary_path:
         atomic.check_output_file(summary_path, "--summary")
     options = JobOptions(inputs, model_path, out, invert, batch_size, resume, workers, threads, cpu, chunk_size,
                          runtime)
-    summary = run_job(options, echo=click.echo)
+    hint = (f"the finished chunks are kept beside {out}; continue with the same command and --resume" if out else
+            "nothing was written; run it again")
+    with interruptible(hint):
+        summary = run_job(options, echo=click.echo)
     if launched_rank() == 0:
         click.echo(describe(summary, out), err=True)
         if summary_path:

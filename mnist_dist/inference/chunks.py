@@ -57,6 +57,9 @@ class ChunkStore:
         if not resume and self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(exist_ok=True)
+        # Temporary files of writes cut short by a hard kill: under the job's lock, no other writer owns them.
+        atomic.remove_stale_temporaries(self.folder)
+        atomic.remove_stale_temporaries(self.out.parent, self.out.name)
         atomic.write_json(self.folder / "job.json", self.identity)
 
     def done(self, k: int) -> bool:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import atomic, extras, launch
+from .. import atomic, extras, launch, locks
 from ..errors import UserError
 from . import manifest as manifest_lib
 from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
@@ -112,17 +113,23 @@ def run_job(opts: JobOptions, echo=print) -> dict:
     """
     if needs_torch(opts.model_path):
         extras.require("train", f"predict with {opts.model_path}")
+    if opts.resume and opts.out is None:
+        raise UserError("--resume continues a run into --out: give the same --out")
     accelerator = launch.job_processes(opts.cpu, needs_torch(opts.model_path))
     try:
-        return _run_job(opts, accelerator, echo)
+        with ExitStack() as held:
+            return _run_job(opts, accelerator, echo, held)
     finally:
         accelerator.end_training()
 
 
-def _run_job(opts: JobOptions, accelerator, echo) -> dict:
+def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
     if opts.out is None and accelerator.num_processes > 1:
         raise UserError("--out is required when several processes label the inputs")
     out = atomic.check_output_file(opts.out, "--out") if opts.out else None
+    if out is not None:  # one run per --out, for the run's whole life; --resume and a fresh run alike
+        launch.on_main_process(accelerator, lambda: held.enter_context(
+            locks.exclusive(out.parent / f".{out.name}.lock", f"--out {out}")))
     threads, _ = launch.choose_threads(opts.threads)
     model = open_model(opts.model_path, opts.runtime, threads, str(accelerator.device), opts.batch_size)
     started = time.perf_counter()  # end to end from here: enumerating, decoding, labelling, writing

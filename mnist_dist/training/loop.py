@@ -6,6 +6,7 @@ machines) or plain ``python jobs/train.py``. Checkpoints are epoch-granular:
 """
 import copy
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .. import atomic, launch
+from .. import atomic, launch, locks
 from ..data import batches, mnist
 from ..errors import UserError
 from ..model import CNN, count_parameters
@@ -111,14 +112,12 @@ def check_same_steps(cfg: TrainConfig, state: dict, processes: int) -> None:
             f"{planned['batch_size'] * state['processes']}")
 
 
-def check_output_dir(cfg: TrainConfig, resuming: bool) -> Path:
-    """Refuse to clobber an earlier run, and prove the folder is writable, before writing anything."""
+def check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+    """Refuse to clobber an earlier run (checked under the folder's lock: the run there has ended)."""
     out = Path(cfg.output_dir)
     holds_run = bool(checkpoint.list_checkpoints(out)) or (out / METRICS_JSONL).exists()
     if holds_run and not (resuming or cfg.overwrite):
         raise UserError(f"{out} already holds a training run; pass --resume latest to continue it or --overwrite")
-    atomic.check_folder_writable(out, "--output-dir")
-    return out
 
 
 def prepare(cfg: TrainConfig, resume_state) -> Setup:
@@ -296,13 +295,22 @@ def restore(state, accelerator, parts: Parts) -> History:
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and checkpoint every epoch; return the final metrics."""
     started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    # Before reading anything of the folder (--resume): another run may be writing it. The lock itself is
+    # taken below, by the main process, once the processes can agree on the answer.
+    locks.check_free(out / locks.RUN_LOCK, f"--output-dir {out}")
     resume_state = load_resume_state(cfg)
     setup = prepare(cfg, resume_state)
-    out = check_output_dir(cfg, resuming=resume_state is not None)
+    atomic.check_folder_writable(out, "--output-dir")
     assert cfg.mixed_precision is not None  # prepare() resolved it
     accelerator = launch.make_accelerator(cfg.mixed_precision, cfg.cpu, setup.trackers, project_dir=out)
     try:
-        return _run(cfg, setup, accelerator, resume_state, out, started)
+        with ExitStack() as held:
+            # One run per folder, for the run's whole life: a second one is refused before it reads or writes.
+            launch.on_main_process(accelerator, lambda: held.enter_context(
+                locks.exclusive(out / locks.RUN_LOCK, f"--output-dir {out}")))
+            check_output_dir(cfg, resuming=resume_state is not None)
+            return _run(cfg, setup, accelerator, resume_state, out, started)
     finally:
         accelerator.end_training()  # closes the trackers and tears the process group down; gloo aborts otherwise
 
@@ -392,6 +400,9 @@ def start_output_dir(out: Path, record: dict, fresh: bool) -> None:
     if fresh:  # --overwrite: old checkpoints must not pass for this run's
         for old in checkpoint.list_checkpoints(out):
             old.unlink()
+    # Temporary files of a write cut short by a hard kill: under the lock, no other writer owns them.
+    for folder in (out, out / checkpoint.CHECKPOINT_DIR):
+        atomic.remove_stale_temporaries(folder)
     atomic.write_json(out / CONFIG_JSON, record)
 
 
