@@ -124,7 +124,7 @@ def train(**options):
 
     from . import locks
 
-    # A folder in use is refused before torch is even imported; the job checks again, and then holds it.
+    # A folder in use is refused before torch is imported and before --resume reads it; the job then holds it.
     locks.check_free(Path(options["output_dir"]) / locks.RUN_LOCK, f"--output-dir {options['output_dir']}")
     from .training.config import TrainConfig
     from .training.loop import run

@@ -15,7 +15,6 @@ EXTRAS = {
     "train": ("torch", "torchvision", "accelerate", "onnx", "onnxscript", "matplotlib"),
     "serve": ("fastapi", "uvicorn", "multipart"),
     "openvino": ("openvino",),
-    "tensorboard": ("tensorboard",),
 }
 
 

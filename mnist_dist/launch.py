@@ -250,7 +250,6 @@ def ask_kernel_for_parent_death_signal() -> bool:
         return False
 
 
-
 def watch_parent(parent: int, every_s: float = 0.5) -> None:
     while os.getppid() == parent:
         time.sleep(every_s)

@@ -74,7 +74,7 @@ def open_model(path, runtime: str = "auto", threads: int | None = None, device: 
         engine = torch_runtime.ENGINES[path.suffix]
     if engine == "onnxruntime" and "CUDA" in description:
         engine = "onnxruntime-cuda"
-    if "CUDA" not in description and "cuda" not in description:
+    if "cuda" not in description.lower():  # threads are the CPU's
         description += f", {threads} thread{'s' if threads > 1 else ''}"
     check_input_shape(path, shape, manifest)
     check_output_shape(path, run, manifest)

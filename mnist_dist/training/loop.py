@@ -296,17 +296,14 @@ def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and checkpoint every epoch; return the final metrics."""
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    # Before reading anything of the folder (--resume): another run may be writing it. The lock itself is
-    # taken below, by the main process, once the processes can agree on the answer.
-    locks.check_free(out / locks.RUN_LOCK, f"--output-dir {out}")
-    resume_state = load_resume_state(cfg)
+    resume_state = load_resume_state(cfg)  # the CLI has already refused a folder in use (locks.check_free)
     setup = prepare(cfg, resume_state)
     atomic.check_folder_writable(out, "--output-dir")
     assert cfg.mixed_precision is not None  # prepare() resolved it
     accelerator = launch.make_accelerator(cfg.mixed_precision, cfg.cpu, setup.trackers, project_dir=out)
     try:
         with ExitStack() as held:
-            # One run per folder, for the run's whole life: a second one is refused before it reads or writes.
+            # One run per folder, for the run's whole life, taken once the processes can agree on the answer.
             launch.on_main_process(accelerator, lambda: held.enter_context(
                 locks.exclusive(out / locks.RUN_LOCK, f"--output-dir {out}")))
             check_output_dir(cfg, resuming=resume_state is not None)
