@@ -1,5 +1,6 @@
-"""Load benchmark of the HTTP server on loopback: 1, 8 and 32 clients, micro-batching on and off, in one run, with
-each server's start-up (to its first answer) and peak memory; beside an earlier version when one is given.
+"""Load benchmark of the HTTP server on loopback, in one run: a bare FastAPI endpoint (the framework's ceiling), the
+/v1 API and the Open Inference Protocol (binary and JSON tensors) at 1, 8 and 32 clients, micro-batching off, two
+workers, and an overload row; each server's start-up and peak memory; beside an earlier version when one is given.
 
     python jobs/bench_serve.py --model-dir artifacts/mnist --json benchmarks/serve-cpu.json \
         --baseline-src /path/to/older/checkout
@@ -16,7 +17,7 @@ from mnist_dist.bench.serve import CLIENTS, benchmark
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False), help="An export folder.")
 @click.option("--clients", default=",".join(map(str, CLIENTS)), show_default=True,
               help="Comma-separated numbers of concurrent clients.")
-@click.option("--seconds", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Measured time per setting, after a one-second warm-up.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The server's --threads.")
 @click.option("--baseline-src", type=click.Path(exists=True, file_okay=False),

@@ -17,6 +17,7 @@ from mnist_dist.atomic import write_text
 # table name -> (renderer "module:function", the reports behind it, newest machine first)
 TABLES = {
     "presets": ("mnist_dist.training.config:readme_table", []),
+    "metrics": ("mnist_dist.serving.metrics:readme_table", []),
     "perf": ("mnist_dist.bench.train:readme_table",
              ["benchmarks/train-cpu-avx512.json", "benchmarks/train-cpu-avx512-fp32.json",
               "benchmarks/train-cpu-avx512-best.json", "benchmarks/train-cpu-avx512-launchers.json",

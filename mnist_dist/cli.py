@@ -389,7 +389,7 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
 
 @main.command()
 @click.option("--model-dir", required=True, type=click.Path(), help="An export folder (see mnist-dist export).")
-@click.option("--model", "model_name", default="model.onnx", show_default=True,
+@click.option("--model", "model_file", default="model.onnx", show_default=True,
               help="Which ONNX file of the folder to serve: model.onnx or model.int8.onnx.")
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
               show_default=True,
@@ -408,17 +408,35 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
                    "that arrive while the model runs, and a lone request never waits.")
 @click.option("--max-body-mb", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger request bodies are refused with 413.")
+@click.option("--max-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(min=1),
+              help="Images with more pixels (read from their header, before decoding) are refused.")
+@click.option("--max-queue", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="Most images waiting for the model; past it requests get 503 with Retry-After at once. 0: no "
+                   "bound.")
+@click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest a request waits for the model before it gets 504. 0: no limit.")
+@click.option("--drain-s", default=20.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM or SIGINT: not ready at once, every request taken is answered, exit within this.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Server processes on the one port, each with its own model session; the cores are split "
+                   "between them.")
+@click.option("--model-name", "model_name", default="mnist", show_default=True,
+              help="The model's name in the Open Inference Protocol routes (/v2/models/NAME/...).")
+@click.option("--access-log", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Append one JSON line a request to this file ('-': standard output).")
 @friendly_errors
 @requires("serve")
-def serve(model_dir, model_name, runtime, host, port, threads, batching, max_batch, max_wait_ms, max_body_mb):
-    """Serve the exported model over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at / to draw
-    a digit on. Needs the serve extra (pip install "mnist-dist[serve]")."""
+def serve(model_dir, model_file, runtime, host, port, threads, batching, max_batch, max_wait_ms, max_body_mb,
+          max_pixels, max_queue, timeout_s, drain_s, workers, model_name, access_log):
+    """Serve the exported model over HTTP: the Open Inference Protocol (/v2/...), a simpler JSON API
+    (POST /v1/predict), Prometheus metrics (/metrics), liveness (/healthz, /v2/health/live), readiness
+    (/v2/health/ready) and a page at / to draw a digit on. Needs the serve extra (pip install "mnist-dist[serve]")."""
     from .serving.app import ServeOptions
     from .serving.server import serve as run_server
 
-    options = ServeOptions(model_dir, model_name, threads, batching, max_batch, max_wait_ms, int(max_body_mb * 2**20),
-                           runtime)
-    run_server(options, host, port, log=click.echo)
+    options = ServeOptions(model_dir, model_file, threads, batching, max_batch, max_wait_ms, int(max_body_mb * 2**20),
+                           runtime, model_name, max_queue, timeout_s, max_pixels, drain_s, access_log)
+    run_server(options, host, port, workers, log=click.echo)
 
 
 if __name__ == "__main__":

@@ -201,10 +201,16 @@ def mnist_dist_imports(path: Path) -> set:
                 names = [[*target, alias.name] for alias in node.names] if not node.module else [target]
             else:
                 names = [node.module.split(".")] if node.module else []
-            found |= {n[1] for n in names if len(n) > 1 and n[0] == "mnist_dist"}
+            found |= {part_of(n[1]) for n in names if len(n) > 1 and n[0] == "mnist_dist"}
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("mnist_dist.")}
     return found
+
+
+def part_of(name: str) -> str:
+    """A module or package of mnist_dist, or, for a name defined in the package itself (__version__), __init__."""
+    package = ROOT / "mnist_dist"
+    return name if (package / f"{name}.py").is_file() or (package / name).is_dir() else "__init__"
 
 
 def layer_of(part: str) -> int:

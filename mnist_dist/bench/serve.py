@@ -1,15 +1,27 @@
-"""Load benchmark of `mnist-dist serve` on loopback: micro-batching on and off, side by side in one run.
+"""Load benchmark of `mnist-dist serve` on loopback, beside a bare FastAPI endpoint, in one run.
 
-For each setting a fresh server is started as users start it. Then 1, 8 and 32
+Every server is a fresh process, started as users start it. Then 1, 8 and 32
 concurrent clients (asyncio, one keep-alive connection each, in this process)
-send single-PNG requests for a fixed time after a warm-up; every answer is
-checked against the label the server gave the same image when it was alone.
-The load generator shares the machine with the server, as it would on a
-2-core box. It uses aiohttp: httpx's async client, measured side by side on
-/healthz, managed 304 requests/s at 32 connections against aiohttp's 3,847.
+send one-image requests for a fixed time after a warm-up; every answer is
+checked against the image's label as the server gave it alone. Requests are
+encoded once, before the clock starts, so the load generator does the same
+small work per request for every row. It shares the machine with the server,
+as it would on a 2-core box; the bare endpoint (``bench.bare``: read the body,
+return a constant) measures the framework's ceiling under the same load, and
+the server's rows are read as shares of it. aiohttp drives the load: httpx's
+async client, measured side by side on /healthz, managed 304 requests/s at 32
+connections against aiohttp's 3,847.
+
+Rows: the bare endpoint; the server's /v1 API (one PNG as multipart), the Open
+Inference Protocol with binary and with JSON tensors; micro-batching off at 1
+client; ``--workers 2`` against 1; and an overload row, 256 clients against
+``--max-queue 64``, that counts 200/503/504 and the server's peak memory.
 """
+from __future__ import annotations
+
 import asyncio
 import io
+import json
 import os
 import re
 import subprocess
@@ -25,42 +37,98 @@ from .. import sysinfo
 from ..data import mnist
 
 CLIENTS = (1, 8, 32)
+KINDS = ("v1-png", "oip-binary", "oip-json")
+BOUNDARY = "mnist-dist-bench"
+OVERLOAD = {"clients": 256, "max_queue": 64}
 
 
-def test_pngs(count: int = 100) -> list:
-    pixels, _ = mnist.load_split("test")
-    out = []
-    for digit in pixels[:count].numpy():
-        buffer = io.BytesIO()
-        Image.fromarray(digit).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
+def test_digits(count: int = 100) -> tuple:
+    """(uint8 pixels [count, 28, 28], labels) of the first test images."""
+    pixels, labels = mnist.load_split("test")
+    return pixels[:count].numpy(), labels[:count].numpy()
 
 
-def start_server(model_dir, batching: bool, threads, src=None) -> tuple:
-    """(process, base URL, seconds from the process's start to its first answered request). ``src``: the root of
-    another checkout whose mnist_dist to run instead of this one (the baseline)."""
-    cmd = [sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(Path(model_dir).resolve()),
-           "--port", "0", "--batching" if batching else "--no-batching"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    env = dict(os.environ, PYTHONPATH=str(Path(src).resolve())) if src else None
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode(kind: str, pixels: np.ndarray) -> tuple:
+    """(path, headers, body) of one request carrying one image, of the given kind."""
+    if kind in ("v1-png", "bare"):
+        part = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n").encode() + png(pixels) + f"\r\n--{BOUNDARY}--\r\n".encode()
+        path = "/echo" if kind == "bare" else "/v1/predict"
+        return path, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}, part
+    tensor = (pixels[None, None] / np.float32(255)).astype("<f4")
+    spec: dict = {"name": "images", "datatype": "FP32", "shape": list(tensor.shape)}
+    if kind == "oip-binary":
+        spec["parameters"] = {"binary_data_size": tensor.nbytes}
+        header = json.dumps({"inputs": [spec], "parameters": {"binary_data_output": True}}).encode()
+        return ("/v2/models/mnist/infer", {"Inference-Header-Content-Length": str(len(header)),
+                                           "Content-Type": "application/octet-stream"}, header + tensor.tobytes())
+    spec["data"] = tensor.reshape(-1).tolist()
+    return "/v2/models/mnist/infer", {"Content-Type": "application/json"}, json.dumps({"inputs": [spec]}).encode()
+
+
+def prediction(kind: str, body: bytes, headers) -> int | None:
+    """The class the server answered, from any kind of response (None for the bare endpoint)."""
+    if kind == "bare":
+        return None
+    if kind == "v1-png":
+        return json.loads(body)["results"][0]["prediction"]
+    split = int(headers.get("Inference-Header-Content-Length", len(body)))
+    outputs = {o["name"]: o for o in json.loads(body[:split])["outputs"]}
+    logits = outputs["logits"]
+    if "data" in logits:
+        return int(np.argmax(logits["data"]))
+    offset = split
+    for o in json.loads(body[:split])["outputs"]:  # binary outputs follow the JSON in the order listed
+        size = o["parameters"]["binary_data_size"]
+        if o["name"] == "logits":
+            return int(np.frombuffer(body[offset : offset + size], "<f4").argmax())
+        offset += size
+    raise ValueError("no logits in the answer")
+
+
+def start(cmd: list, env=None, cwd=None) -> tuple:
+    """(process, base URL, seconds from the process's start to readiness) of a server that prints its URL."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=src)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     assert proc.stdout is not None and proc.stderr is not None  # both are pipes
     line = proc.stdout.readline()
     match = re.search(r"http://[\d.]+:\d+/", line)
     if match is None:
         proc.kill()
         raise RuntimeError(f"the server did not start: {line}{proc.stderr.read()}")
-    url = match.group(0)
-    png = test_pngs(1)[0]
-    while True:  # the socket is bound before the log line; the first request may still wait for the app
+    return proc, match.group(0), started
+
+
+def wait_ready(url: str, probe: str, started: float) -> float:
+    while True:  # the socket is bound before the log line; readiness comes after the warm-up
         try:
-            if httpx.post(url + "v1/predict", files={"file": ("d.png", png)}, timeout=30).status_code == 200:
-                return proc, url, time.perf_counter() - started
+            if httpx.get(url + probe, timeout=30).status_code in (200, 405):
+                return time.perf_counter() - started
         except httpx.TransportError:
-            time.sleep(0.005)
+            pass
+        time.sleep(0.005)
+
+
+def start_server(model_dir, batching: bool = True, threads=None, src=None, extra=()) -> tuple:
+    """(process, base URL, seconds to ready). ``src``: another checkout whose mnist_dist runs instead (baseline)."""
+    cmd = [sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(Path(model_dir).resolve()),
+           "--port", "0", "--batching" if batching else "--no-batching", *extra]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = dict(os.environ, PYTHONPATH=str(Path(src).resolve())) if src else None
+    proc, url, started = start(cmd, env, src)
+    return proc, url, wait_ready(url, "v2/health/ready" if src is None else "healthz", started)
+
+
+def start_bare() -> tuple:
+    proc, url, started = start([sys.executable, "-m", "mnist_dist.bench.bare", "--port", "0"])
+    return proc, url, wait_ready(url, "echo", started)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -71,87 +139,142 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-async def run_clients(url: str, pngs: list, expected: list, clients: int, seconds: float, warmup: float) -> dict:
-    """Each client sends one request after another; latencies are kept only after the warm-up."""
+def tree_peak_rss_mb(pid: int) -> float:
+    """The peak of a server and its worker processes, added up."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return peak_rss_mb(pid) + sum(peak_rss_mb(int(c)) for c in children)
+
+
+async def run_clients(url: str, kind: str, requests: list, expected: list, clients: int, seconds: float,
+                      warmup: float) -> dict:
+    """Each client sends one request after another; latencies and statuses are kept only after the warm-up."""
     import aiohttp
 
-    latencies, errors = [], []
+    latencies, statuses, errors = [], [], []
     connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as http:
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as http:
         started = time.perf_counter()
         measure_from, stop_at = started + warmup, started + warmup + seconds
 
-        async def one_request(i: int) -> str:
-            form = aiohttp.FormData()
-            form.add_field("file", pngs[i % len(pngs)], filename="d.png", content_type="image/png")
+        async def one_request(i: int) -> tuple:
+            path, headers, body = requests[i % len(requests)]
             try:
-                async with http.post("/v1/predict", data=form) as response:
+                async with http.post(path, data=body, headers=headers) as response:
+                    answer = await response.read()
                     if response.status != 200:
-                        return f"status {response.status}"
-                    answer = (await response.json())["results"][0]["prediction"]
-                    return "" if answer == expected[i % len(pngs)] else "wrong answer"
+                        return response.status, ""
+                    got = prediction(kind, answer, response.headers)
+                    return 200, "" if got == expected[i % len(requests)] else "wrong answer"
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                return type(e).__name__
+                return 0, type(e).__name__
 
         async def client(worker: int) -> None:
             i = worker
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                error = await one_request(i)
+                status, error = await one_request(i)
                 if t0 >= measure_from:
-                    latencies.append(time.perf_counter() - t0)
+                    latencies.append((time.perf_counter() - t0, status))
+                    statuses.append(status)
                     if error:
                         errors.append(error)
                 i += clients
 
         await asyncio.gather(*(client(w) for w in range(clients)))
-    timed = np.array(latencies)
-    return {"clients": clients, "requests": len(timed), "seconds": seconds,
-            "requests_per_s": len(timed) / seconds, "p50_ms": 1e3 * np.percentile(timed, 50),
-            "p90_ms": 1e3 * np.percentile(timed, 90), "p99_ms": 1e3 * np.percentile(timed, 99),
-            "errors": len(errors), "error_examples": sorted(set(errors))[:5]}
+    ok = np.array([t for t, status in latencies if status == 200] or [np.nan])
+    counts = {str(s): statuses.count(s) for s in sorted(set(statuses))}
+    return {"kind": kind, "clients": clients, "requests": len(latencies), "seconds": seconds,
+            "requests_per_s": counts.get("200", 0) / seconds, "p50_ms": 1e3 * float(np.percentile(ok, 50)),
+            "p90_ms": 1e3 * float(np.percentile(ok, 90)), "p99_ms": 1e3 * float(np.percentile(ok, 99)),
+            "statuses": counts, "errors": len(errors) + sum(n for s, n in counts.items() if s != "200"),
+            "error_examples": sorted(set(errors))[:5]}
 
 
-def benchmark(model_dir, clients=CLIENTS, seconds: float = 8.0, warmup: float = 1.0, threads=None,
+def load(url: str, kind: str, pixels: np.ndarray, clients, seconds: float, warmup: float, label: dict,
+         log) -> list:
+    requests = [encode(kind, p) for p in pixels]
+    expected = [None] * len(requests) if kind == "bare" else answers_alone(url, kind, requests)
+    rows = []
+    for n in clients:
+        row = asyncio.run(run_clients(url, kind, requests, expected, n, seconds, warmup))
+        row.update(label)
+        rows.append(row)
+        log(f"{row['server']}, {kind}, batching {'on' if row['batching'] else 'off'}, {row['workers']} worker(s), "
+            f"{n} clients: {row['requests_per_s']:.0f} requests/s, p50 {row['p50_ms']:.1f} ms, "
+            f"p99 {row['p99_ms']:.1f} ms, statuses {row['statuses']}")
+    return rows
+
+
+def answers_alone(url: str, kind: str, requests: list) -> list:
+    answers = []
+    for path, headers, body in requests:
+        response = httpx.post(url + path.lstrip("/"), content=body, headers=headers, timeout=30)
+        answers.append(prediction(kind, response.content, response.headers))
+    return answers
+
+
+def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 1.0, threads=None,
               baseline_src=None, log=print) -> dict:
-    """Each variant is a fresh server: its start-up (to the first answer) and its peak memory after the load."""
-    pngs = test_pngs()
-    variants = [("current", True, None), ("current", False, None)]
-    if baseline_src:
-        variants.insert(0, ("baseline", True, baseline_src))
+    pixels, _ = test_digits()
     results, startup = [], []
-    for variant, batching, src in variants:
-        proc, url, ready_s = start_server(model_dir, batching, threads, src)
+
+    def measured(server: tuple, name: str, plan: list, batching=True, workers=1) -> dict:
+        """Load one fresh server (process, URL, seconds to ready) as ``plan`` says; returns its /v1/model (the bare
+        endpoint: {})."""
+        proc, url, ready_s = server
         try:
-            idle_mb = peak_rss_mb(proc.pid)
-            expected = [httpx.post(url + "v1/predict", files={"file": ("d.png", png)}).json()["results"][0]
-                        ["prediction"] for png in pngs]
-            for n in clients:
-                row = asyncio.run(run_clients(url, pngs, expected, n, seconds, warmup))
-                row.update(variant=variant, batching=batching)
-                row["model_runs_so_far"] = httpx.get(url + "v1/model").json()["batching"]["model_runs"]
-                results.append(row)
-                log(f"{variant}, batching {'on' if batching else 'off'}, {n} clients: {row['requests_per_s']:.0f} "
-                    f"requests/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, {row['errors']} errors")
-            info = httpx.get(url + "v1/model").json()
-            startup.append({"variant": variant, "batching": batching, "ready_s": ready_s, "idle_rss_mb": idle_mb,
-                            "peak_rss_mb": peak_rss_mb(proc.pid), "runtime": info["runtime"]})
-            log(f"{variant}: first answer {ready_s:.2f} s after start, peak RSS {startup[-1]['peak_rss_mb']:.0f} MB "
-                f"under load ({idle_mb:.0f} MB idle)")
+            idle_mb = tree_peak_rss_mb(proc.pid)
+            for kind, counts in plan:
+                label = {"server": name, "batching": batching, "workers": workers}
+                results.extend(load(url, kind, pixels, counts, seconds, warmup, label, log))
+            startup.append({"server": name, "batching": batching, "workers": workers, "ready_s": ready_s,
+                            "idle_rss_mb": idle_mb, "peak_rss_mb": tree_peak_rss_mb(proc.pid)})
+            return {} if name == "bare FastAPI" else httpx.get(url + "v1/model").json()
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
+
+    measured(start_bare(), "bare FastAPI", [("bare", clients)])
+    if baseline_src:
+        measured(start_server(model_dir, True, threads, baseline_src), "baseline", [("v1-png", clients)])
+    info = measured(start_server(model_dir, True, threads), "mnist-dist", [(kind, clients) for kind in KINDS])
+    measured(start_server(model_dir, False, threads), "mnist-dist", [("v1-png", [1]), ("oip-binary", [1])],
+             batching=False)
+    measured(start_server(model_dir, True, threads, extra=["--workers", "2"]), "mnist-dist",
+             [("oip-binary", [max(clients)]), ("v1-png", [max(clients)])], workers=2)
+    overload = overload_row(model_dir, pixels, seconds, warmup, threads, log)
     return {"benchmark": "serve", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
-            "versions": sysinfo.versions("torch", "onnxruntime", "fastapi", "uvicorn", "aiohttp", "numpy"),
-            "settings": {"model_dir": str(model_dir), "model": info["model"], "runtime": info["runtime"],
-                         "clients": list(clients), "seconds": seconds, "warmup_s": warmup, "request": "one 28x28 PNG",
-                         "max_batch": info["batching"]["max_batch"], "max_wait_ms": info["batching"]["max_wait_ms"],
+            "versions": sysinfo.versions("torch", "onnxruntime", "fastapi", "starlette", "uvicorn", "aiohttp", "numpy",
+                                         "prometheus-client"),
+            "settings": {"model_dir": str(model_dir), "runtime": info["runtime"], "clients": list(clients),
+                         "seconds": seconds, "warmup_s": warmup, "max_batch": info["batching"]["max_batch"],
+                         "max_wait_ms": info["batching"]["max_wait_ms"],
                          "baseline": str(baseline_src) if baseline_src else None,
-                         "ready": "seconds from the server process's start to its first answered POST /v1/predict",
-                         "peak_rss": "VmHWM of the server process after the last load",
+                         "request": "one 28x28 image: a PNG as multipart (v1-png and bare), FP32 [1,1,28,28] "
+                                    "(oip-binary: raw bytes after the JSON header; oip-json: a JSON list)",
+                         "ready": "seconds from the server process's start to its first ready answer",
+                         "peak_rss": "VmHWM of the server process (and its workers, added up)",
                          "load_generator": "aiohttp in one process on the same machine, loopback"},
-            "results": results, "startup": startup}
+            "results": results, "startup": startup, "overload": overload}
+
+
+def overload_row(model_dir, pixels, seconds, warmup, threads, log) -> dict:
+    """256 clients against --max-queue 64: every answer 200, 503 or 504, and the memory flat."""
+    proc, url, _ = start_server(model_dir, True, threads, extra=["--max-queue", str(OVERLOAD["max_queue"])])
+    try:
+        idle_mb = peak_rss_mb(proc.pid)
+        label = {"server": "mnist-dist", "batching": True, "workers": 1, "max_queue": OVERLOAD["max_queue"]}
+        row = load(url, "oip-binary", pixels, [OVERLOAD["clients"]], seconds, warmup, label, log)[0]
+        row.update(idle_rss_mb=idle_mb, peak_rss_mb=peak_rss_mb(proc.pid))
+        total = max(1, row["requests"])
+        row["shares"] = {status: n / total for status, n in row["statuses"].items()}
+        log(f"overload: {row['shares']}, p99 of the 200s {row['p99_ms']:.1f} ms, peak RSS {row['peak_rss_mb']:.0f} MB "
+            f"({idle_mb:.0f} MB idle)")
+        return row
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def machine_name(report: dict) -> str:
@@ -159,23 +282,59 @@ def machine_name(report: dict) -> str:
     return f"{machine['cpu']} ({machine.get('cpu_capability', '?')}), {machine['cores']} cores"
 
 
+def ratios(report: dict) -> dict:
+    """The targets, as shares measured in the same run."""
+    rows = report["results"]
+
+    def rate(kind, clients, batching=True, workers=1, field="requests_per_s"):
+        for r in rows:
+            if r["server"] in ("bare FastAPI", "mnist-dist") and "max_queue" not in r and \
+                    (r["kind"], r["clients"], r["batching"], r["workers"]) == (kind, clients, batching, workers):
+                return r[field]
+        return float("nan")
+
+    top = max(report["settings"]["clients"])
+    bare, bare_p99 = rate("bare", top), rate("bare", top, field="p99_ms")
+    return {f"oip-binary / bare at {top} clients": rate("oip-binary", top) / bare,
+            f"v1-png / bare at {top} clients": rate("v1-png", top) / bare,
+            f"oip-binary p99 / bare p99 at {top} clients": rate("oip-binary", top, field="p99_ms") / bare_p99,
+            f"v1-png p99 / bare p99 at {top} clients": rate("v1-png", top, field="p99_ms") / bare_p99,
+            "v1-png at 1 client, batching on / off": rate("v1-png", 1) / rate("v1-png", 1, False),
+            "oip-binary at 1 client, batching on / off": rate("oip-binary", 1) / rate("oip-binary", 1, False),
+            f"oip-binary at {top} clients, 2 workers / 1": rate("oip-binary", top, workers=2) / rate("oip-binary", top)}
+
+
 def readme_table(reports: list) -> str:
-    lines = ["| machine | server | batching | clients | requests/s | p50 ms | p90 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| machine | server | request | batching | workers | clients | requests/s | p50 ms | p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         for r in report["results"]:
-            batching = "on" if r["batching"] else "off"
-            lines.append(f"| {machine_name(report)} | {r.get('variant', '-')} | {batching} | {r['clients']} | "
-                         f"{r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
+            lines.append(f"| {machine_name(report)} | {r.get('server', r.get('variant', '-'))} | "
+                         f"{r.get('kind', 'v1-png')} | {'on' if r['batching'] else 'off'} | {r.get('workers', 1)} | "
+                         f"{r['clients']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                          f"{r['errors']} |")
+    measured = [r for r in reports if "overload" in r]
+    if measured:
+        lines += ["", "| machine | ratio (same run) | value |", "|---|---|---|"]
+        lines += [f"| {machine_name(r)} | {name} | {value:.2f}x |"
+                  for r in measured for name, value in ratios(r).items()]
+        lines += ["", "| machine | overload | 200 | 503 | 504 | other | p99 of the 200s | peak RSS idle → loaded |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in measured:
+            o, shares = r["overload"], r["overload"]["shares"]
+            other = 1 - sum(shares.get(s, 0) for s in ("200", "503", "504"))
+            lines.append(f"| {machine_name(r)} | {o['clients']} clients, --max-queue {o['max_queue']} | "
+                         f"{shares.get('200', 0):.0%} | {shares.get('503', 0):.0%} | {shares.get('504', 0):.0%} | "
+                         f"{other:.0%} | {o['p99_ms']:.1f} ms | {o['idle_rss_mb']:.0f} → {o['peak_rss_mb']:.0f} MB |")
     startup = [(report, s) for report in reports for s in report.get("startup", [])]
     if startup:
-        lines += ["", "| machine | server | batching | first answer after start | peak RSS idle | peak RSS under load "
-                      "| runtime |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {machine_name(report)} | {s['variant']} | {'on' if s['batching'] else 'off'} | "
-                  f"{s['ready_s']:.2f} s | {s['idle_rss_mb']:.0f} MB | {s['peak_rss_mb']:.0f} MB | {s['runtime']} |"
-                  for report, s in startup]
+        lines += ["", "| machine | server | batching | workers | ready after start | peak RSS idle | peak RSS "
+                      "under load |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {machine_name(report)} | {s.get('server', s.get('variant'))} | "
+                  f"{'on' if s['batching'] else 'off'} | {s.get('workers', 1)} | {s['ready_s']:.2f} s | "
+                  f"{s['idle_rss_mb']:.0f} MB | "
+                  f"{s['peak_rss_mb']:.0f} MB |" for report, s in startup]
     sources = ", ".join(r["_source"] for r in reports)
-    lines += ["", f"Generated by `jobs/perf_table.py` from {sources}: `jobs/bench_serve.py`, single-PNG requests on "
+    lines += ["", f"Generated by `jobs/perf_table.py` from {sources}: `jobs/bench_serve.py`, one-image requests on "
               "loopback, the load generator on the same machine."]
     return "\n".join(lines)

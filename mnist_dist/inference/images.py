@@ -16,21 +16,28 @@ INK = 0.2  # a pixel is ink if it is brighter than this share of the brightest (
 # is still far larger than the box it is shrunk into.
 DRAFT_BOXES = 8
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# The most pixels an image may have, read from its header before anything is decoded: a small PNG can declare
+# 12,000 x 12,000 pixels and decode to gigabytes. 4096 x 4096 covers a 12-megapixel phone photo.
+MAX_PIXELS = 4096 * 4096
 
 
 class BadImage(ValueError):
     """This one input cannot be used; the reason goes into its error row."""
 
 
-def open_grayscale(source, box: int = 0) -> np.ndarray:
+def open_grayscale(source, box: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode ``source`` (a path or a binary file object) to gray float32 pixels 0..255.
 
     Decoded fully, so truncated files fail here. The EXIF orientation is applied first, so a phone
     photo is read upright; 16-bit images are scaled to 8 bits, not clipped; transparency becomes
-    white. With ``box``, large JPEGs are decoded at a reduced scale (see DRAFT_BOXES).
+    white. With ``box``, large JPEGs are decoded at a reduced scale (see DRAFT_BOXES). Images of more than
+    ``max_pixels`` (by their header) are refused undecoded.
     """
     try:
         with Image.open(source) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise BadImage(f"{width}x{height} pixels is over the limit of {max_pixels:,} pixels")
             if box and opened.format == "JPEG":
                 opened.draft("L", (DRAFT_BOXES * box, DRAFT_BOXES * box))
             opened.load()
@@ -38,6 +45,8 @@ def open_grayscale(source, box: int = 0) -> np.ndarray:
             if img.info.get("exif"):  # most images carry none, and reading it costs as much as decoding a PNG
                 img = ImageOps.exif_transpose(img)
             return to_gray(img)
+    except BadImage:
+        raise
     except Exception as e:  # any decoder failure is this file's problem alone, never the batch's
         reason = str(e) if isinstance(source, (str, Path)) else str(e).replace(f" {source!r}", "")
         raise BadImage(f"not a readable image ({one_line(reason, 120)})") from e

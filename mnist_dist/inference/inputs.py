@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import idx
 from ..errors import UserError, one_line
-from .images import BadImage, light_background, open_grayscale, to_mnist
+from .images import MAX_PIXELS, BadImage, light_background, open_grayscale, to_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 
@@ -187,10 +187,10 @@ class InputIndex:
                      pixels=None if bad[i] else rows[i]) for i in range(last - first)]
 
 
-def image_item(index: int, name: str, image, framing: Framing) -> Item:
+def image_item(index: int, name: str, image, framing: Framing, max_pixels: int = MAX_PIXELS) -> Item:
     """One image file (a path, or a binary file object such as an upload) made MNIST-like, or its failure."""
     try:
-        gray = open_grayscale(image, framing.box)
+        gray = open_grayscale(image, framing.box, max_pixels)
         return Item(index, name, to_mnist(gray, framing.invert, framing.size, framing.box))
     except BadImage as e:
         return Item(index, name, error=str(e))

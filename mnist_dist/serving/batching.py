@@ -1,93 +1,261 @@
-"""Micro-batching: requests that arrive together share one model run.
+"""Micro-batching on one model thread, with a bounded queue: requests that arrive together share one model run.
 
-The batcher takes the first waiting request and every other one already
-queued (those that arrived while the model ran the previous batch); then, if
-the batch still holds fewer than ``max_batch`` images, it waits up to
-``max_wait`` seconds for more. It runs the model once in a worker thread
-(onnxruntime releases the GIL) and answers each request with its own rows.
-Under load batches form without waiting; alone, a request waits at most
-``max_wait``.
+A request hands the batcher a ``Job``: its raw body and what to make of it.
+The event loop only moves bytes; the batcher's own thread does everything
+else for every job waiting at once: ``prepare`` (parse the JSON, decode the
+images: never on the event loop), then one model run for up to ``max_batch``
+images, then ``finish`` (the answer's bytes), and hands all the answers back
+to the loop in one call. One thread hop per batch, not two per request: at
+one request at a time that is what running each request on its own costs,
+and under load it is a fraction of it.
+
+If the batch still holds fewer than ``max_batch`` images the thread waits up
+to ``max_wait`` seconds for more; alone, a request waits at most that.
+
+Backpressure: at most ``max_queue`` images wait for the model. Images
+prepared past it are refused (``Overloaded``: the server answers 503 with
+Retry-After) instead of joining a queue that only grows; a request larger
+than the bound is taken only first in line. A request that waits longer than
+its time-out is dropped (``asyncio.TimeoutError``: 504) and costs no model
+time if it has not run yet.
 """
+from __future__ import annotations
+
 import asyncio
-from typing import Optional
+import collections
+import threading
+import time
 
 import numpy as np
 
 
+class Overloaded(Exception):
+    """The queue is full: try again shortly."""
+
+
+class Unavailable(Exception):
+    """The batcher is not running (stopped, or failed): the model cannot answer."""
+
+
+class NoStats:
+    """Where a batcher reports what it does; the server's metrics replace it."""
+
+    def batch(self, images: int, run_s: float) -> None:
+        pass
+
+    def waited(self, seconds: float) -> None:
+        pass
+
+
+class Job:
+    """One request's work. ``prepare`` and ``finish`` run on the batcher's thread; either may raise an exception
+    meant for the client (it reaches the request's handler as it is)."""
+
+    def prepare(self) -> np.ndarray:
+        """The model's input batch for this request, [k, ...] (k may be 0: nothing to run)."""
+        raise NotImplementedError
+
+    def finish(self, logits: np.ndarray):
+        """The answer, from this request's rows of logits."""
+        raise NotImplementedError
+
+
+class Pending:
+    """A job on its way through the batcher, and the future its handler waits on."""
+
+    __slots__ = ("future", "images", "job", "queued_at", "result")
+
+    def __init__(self, job: Job, future: asyncio.Future):
+        self.job, self.future, self.queued_at = job, future, time.perf_counter()
+        self.images: np.ndarray | None = None
+        self.result: tuple = (None, None)  # (answer, exception)
+
+
 class MicroBatcher:
-    def __init__(self, run, max_batch: int = 64, max_wait: float = 0.002):
-        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task: Optional[asyncio.Task] = None
+    def __init__(self, run, max_batch: int = 64, max_wait: float = 0.0, max_queue: int | None = None,
+                 stats=None):
+        self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
+        self.stats = stats or NoStats()
+        self.waiting: collections.deque = collections.deque()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # model runs so far, for /v1/model
 
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and not self.stopping
+
     async def start(self) -> None:
-        self.queue = asyncio.Queue()  # bound to the running loop (Python 3.9 binds a queue at creation)
-        self.task = asyncio.create_task(self.serve_forever())
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self.serve_forever, name="batcher", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        self.stopping = True
+        self.wake.set()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join)
 
-    async def __call__(self, images: np.ndarray) -> np.ndarray:
-        """The logits of ``images`` [k, ...], computed in a batch with whatever else is waiting."""
-        future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((images, future))
-        return await future
+    async def __call__(self, job: Job, timeout: float | None = None):
+        """The job's answer, once its images have been through the model with whatever else was waiting."""
+        if not self.running:
+            raise Unavailable("the model is not running")
+        assert self.loop is not None
+        pending = Pending(job, self.loop.create_future())
+        self.waiting.append(pending)  # deque appends and pops are atomic: the thread takes from the other end
+        self.wake.set()
+        if timeout is None:
+            return await pending.future
+        return await asyncio.wait_for(pending.future, timeout)
 
-    async def serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            waiting = [await self.queue.get()]
-            size = len(waiting[0][0])
-            deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
-                try:
-                    item = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                waiting.append(item)
-                size += len(item[0])
-            await self.run_batch(waiting)
+    # --- on the batcher's thread ---------------------------------------------------------------------------------
 
-    async def run_batch(self, waiting: list) -> None:
-        self.batches += 1
+    def serve_forever(self) -> None:
         try:
-            logits = await asyncio.to_thread(self.run, np.concatenate([images for images, _ in waiting]))
+            while not self.stopping:
+                self.wake.wait()
+                self.wake.clear()
+                while self.waiting and not self.stopping:
+                    self.serve(self.next_batch())
+        finally:  # stopped (or broken): nobody may wait for an answer that cannot come
+            self.stopping = True
+            left = self.take_all()
+            for pending in left:
+                pending.result = (None, Unavailable("the model stopped"))
+            self.deliver(left)
+
+    def take_all(self) -> list:
+        taken = []
+        while self.waiting:
+            taken.append(self.waiting.popleft())
+        return taken
+
+    def next_batch(self) -> list:
+        """Every job waiting, prepared; more, for up to ``max_wait``, while fewer than ``max_batch`` images."""
+        batch = [self.prepared(p) for p in self.take_all()]
+        deadline = time.perf_counter() + self.max_wait
+        while self.max_wait and images_in(batch) < self.max_batch and time.perf_counter() < deadline:
+            if self.wake.wait(deadline - time.perf_counter()):
+                self.wake.clear()
+                batch += [self.prepared(p) for p in self.take_all()]
+        return batch
+
+    def prepared(self, pending: Pending) -> Pending:
+        self.stats.waited(time.perf_counter() - pending.queued_at)
+        if pending.future.cancelled():  # timed out, or the client went away: not worth anything more
+            return pending
+        try:
+            pending.images = pending.job.prepare()
+        except Exception as e:  # the client's mistake, or an image that cannot be read: this request's alone
+            pending.result = (None, e)
+        return pending
+
+    def serve(self, batch: list) -> None:
+        """Admit up to ``max_queue`` images and run them ``max_batch`` at a time. Refusals and requests that could
+        not be read are answered first, at once; each group of runs as soon as its run is done."""
+        admitted = 0
+        runnable, answered = [], []
+        for pending in batch:
+            if pending.images is None:  # failed to prepare, or no longer wanted
+                answered.append(pending)
+            elif len(pending.images) == 0:  # nothing the model needs to see
+                pending.result = finished(pending, np.zeros((0, 0), np.float32))
+                answered.append(pending)
+            elif self.max_queue and admitted and admitted + len(pending.images) > self.max_queue:
+                pending.result = (None, Overloaded(f"more than {self.max_queue} images are waiting for the model"))
+                answered.append(pending)
+            else:
+                admitted += len(pending.images)
+                runnable.append(pending)
+        self.deliver(answered)
+        for group in groups_of(runnable, self.max_batch):
+            self.run_group(group)
+            self.deliver(group)
+
+    def run_group(self, group: list) -> None:
+        started = time.perf_counter()
+        try:
+            logits = self.run(np.concatenate([p.images for p in group]))
         except Exception as e:  # the model's failure is every waiting request's failure, not the server's
-            for _, future in waiting:
-                if not future.done():
-                    future.set_exception(e)
+            for p in group:
+                p.result = (None, e)
             return
+        self.batches += 1
+        self.stats.batch(len(logits), time.perf_counter() - started)
         start = 0
-        for images, future in waiting:
-            if not future.done():  # a client that went away leaves a cancelled future
-                future.set_result(logits[start : start + len(images)])
-            start += len(images)
+        for p in group:
+            p.result = finished(p, logits[start : start + len(p.images)])
+            start += len(p.images)
+
+    def deliver(self, answered: list) -> None:
+        """Hand the answers to the event loop together: one wake-up of the loop for all of them."""
+        if answered and self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(settle, [(p.future, *p.result) for p in answered])
 
 
-class Unbatched:
-    """One model run per request, concurrently on the shared session: the baseline micro-batching is measured
-    against."""
+def settle(answers: list) -> None:
+    """On the event loop: each handler gets its answer or its exception (unless it stopped waiting)."""
+    for future, answer, error in answers:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(answer)
 
-    batches = 0
 
-    def __init__(self, run):
-        self.run = run
+def images_in(batch: list) -> int:
+    return sum(len(p.images) for p in batch if p.images is not None)
+
+
+def groups_of(runnable: list, max_batch: int) -> list:
+    """Whole jobs, in order, in groups of at most ``max_batch`` images (a larger job alone)."""
+    groups: list = []
+    group: list = []
+    size = 0
+    for pending in runnable:
+        if group and size + len(pending.images) > max_batch:
+            groups.append(group)
+            group, size = [], 0
+        group.append(pending)
+        size += len(pending.images)
+    return [*groups, group] if group else groups
+
+
+def finished(pending: Pending, logits: np.ndarray) -> tuple:
+    """(answer, None), or (None, the exception writing it raised)."""
+    try:
+        return pending.job.finish(logits), None
+    except Exception as e:
+        return None, e
+
+
+class Unbatched(MicroBatcher):
+    """One job at a time per request, each in its own worker thread, concurrently on the shared session: the
+    baseline micro-batching is measured against."""
 
     async def start(self) -> None:
-        pass
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self.wake.wait, name="unbatched", daemon=True)  # "running"
+        self.thread.start()
 
-    async def stop(self) -> None:
-        pass
+    async def __call__(self, job: Job, timeout: float | None = None):
+        if not self.running:
+            raise Unavailable("the model is not running")
+        assert self.loop is not None
+        pending = Pending(job, self.loop.create_future())
+        work = asyncio.to_thread(self.alone, pending)
+        return await (work if timeout is None else asyncio.wait_for(work, timeout))
 
-    async def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.batches += 1
-        return await asyncio.to_thread(self.run, images)
+    def alone(self, pending: Pending):
+        self.prepared(pending)
+        if pending.images is not None and len(pending.images):
+            self.run_group([pending])
+        elif pending.images is not None:
+            pending.result = finished(pending, np.zeros((0, 0), np.float32))
+        answer, error = pending.result
+        if error is not None:
+            raise error
+        return answer

@@ -1,8 +1,24 @@
-"""Start the HTTP server: check everything first, then hand a bound socket to uvicorn."""
+"""Start the HTTP server: check everything first, then hand a bound socket to uvicorn (one process, or N workers).
+
+With ``workers`` > 1, uvicorn's own supervisor runs N server processes on the
+one listening socket (the kernel spreads the connections), restarts one that
+dies, and passes SIGTERM on to each, which then drains as one server does.
+Each worker has its own model session and batcher, with the cores split
+between them, and writes its metrics where every worker's ``/metrics`` adds
+them up.
+"""
+from __future__ import annotations
+
+import json
+import os
 import socket
+import tempfile
+from dataclasses import asdict, replace
 
 from ..errors import UserError
-from .app import ServeOptions, create_app, load
+from .app import ServeOptions, load, model_threads
+
+WORKER_OPTIONS = "MNIST_DIST_SERVE_OPTIONS"  # how the supervisor hands the options to the workers it spawns
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -18,15 +34,52 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log=print) -> None:
-    import uvicorn
-
-    served = load(options)
+def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log=print) -> None:
+    if workers > 1:  # the cores are split between the workers' sessions
+        options = replace(options, threads=max(1, options.threads // workers) if options.threads else
+                          model_threads(workers))
+    served = load(options)  # every start-up error, once, here, before any worker starts
     sock = bind(host, port)
-    app = create_app(served)
     batching = (f"micro-batching up to {options.max_batch} images or {options.max_wait_ms:g} ms"
                 if options.batching else "no batching")
     shown = f"[{host}]" if ":" in host else host
-    log(f"Serving {served.model.path} ({served.model.description}, {batching}) on http://{shown}:{sock.getsockname()[1]}/")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    processes = f", {workers} workers" if workers > 1 else ""
+    log(f"Serving {served.model.path} ({served.model.description}, {batching}{processes}) on "
+        f"http://{shown}:{sock.getsockname()[1]}/")
+    if workers == 1:
+        run_one(served, sock)
+    else:
+        del served  # each worker opens its own session
+        run_workers(options, sock, workers)
+
+
+def uvicorn_config(app, **settings):
+    import uvicorn
+
+    # The drain is the app's (serving.lifecycle); uvicorn's own wait is set when the drain begins.
+    return uvicorn.Config(app, log_level="warning", access_log=False, **settings)
+
+
+def run_one(served, sock: socket.socket) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.Server(uvicorn_config(create_app(served))).run(sockets=[sock])
+
+
+def run_workers(options: ServeOptions, sock: socket.socket, workers: int) -> None:
+    from uvicorn.supervisors import Multiprocess
+
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-metrics-") as metrics_dir:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+        os.environ[WORKER_OPTIONS] = json.dumps(asdict(options))
+        config = uvicorn_config(f"{__name__}:worker_app", factory=True, workers=workers)
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def worker_app():
+    """The app of one worker process, from the options its supervisor checked."""
+    from .app import create_app
+
+    return create_app(load(ServeOptions(**json.loads(os.environ[WORKER_OPTIONS]))))

@@ -1,0 +1,84 @@
+"""The server's Prometheus metrics, all named ``mnist_dist_*``, and their exposition at ``/metrics``.
+
+With several worker processes (``serve --workers N``) each process writes its
+figures to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
+multiprocess mode) and ``/metrics``, whichever worker answers it, adds up
+every worker's. The variable must be set before prometheus-client is first
+imported; ``serving.server`` does so before it starts the workers.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+PREFIX = "mnist_dist"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+REQUESTS = Counter(f"{PREFIX}_requests", "HTTP requests answered, by route template, method and status code",
+                   ["route", "method", "status"])
+REQUEST_SECONDS = Histogram(f"{PREFIX}_request_seconds", "Time from a request's arrival to its answer",
+                            ["route"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge(f"{PREFIX}_requests_in_flight", "Requests being handled now", multiprocess_mode="livesum")
+QUEUE_SECONDS = Histogram(f"{PREFIX}_queue_wait_seconds", "Time requests waited for the batcher to take them",
+                          buckets=LATENCY_BUCKETS)
+BATCH_IMAGES = Histogram(f"{PREFIX}_batch_images", "Images in one model run", buckets=BATCH_BUCKETS)
+MODEL_SECONDS = Histogram(f"{PREFIX}_model_run_seconds", "Time of one model run", buckets=LATENCY_BUCKETS)
+IMAGES = Counter(f"{PREFIX}_images", "Images answered, by outcome: labelled by the model, or failed to read",
+                 ["outcome"])
+REJECTED = Counter(f"{PREFIX}_rejected", "Requests refused before the model: queue full (503) or timed out (504)",
+                   ["reason"])
+
+DOCUMENTED = [  # (name as scraped, type, meaning): the README's table
+    (f"{PREFIX}_requests_total", "counter", REQUESTS._documentation),
+    (f"{PREFIX}_request_seconds", "histogram", REQUEST_SECONDS._documentation),
+    (f"{PREFIX}_requests_in_flight", "gauge", IN_FLIGHT._documentation),
+    (f"{PREFIX}_queue_wait_seconds", "histogram", QUEUE_SECONDS._documentation),
+    (f"{PREFIX}_batch_images", "histogram", BATCH_IMAGES._documentation),
+    (f"{PREFIX}_model_run_seconds", "histogram", MODEL_SECONDS._documentation),
+    (f"{PREFIX}_images_total", "counter", IMAGES._documentation),
+    (f"{PREFIX}_rejected_total", "counter", REJECTED._documentation),
+]
+
+
+class BatcherStats:
+    """The batcher's figures, as metrics."""
+
+    def batch(self, images: int, run_s: float) -> None:
+        BATCH_IMAGES.observe(images)
+        MODEL_SECONDS.observe(run_s)
+
+    def waited(self, seconds: float) -> None:
+        QUEUE_SECONDS.observe(seconds)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def exposition() -> tuple:
+    """(body, content type) of the text format, every worker's figures added up in multiprocess mode."""
+    if not multiprocess():
+        return generate_latest(), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def process_exited(pid: int) -> None:
+    """A worker that stops takes its live gauges with it."""
+    if multiprocess():
+        prometheus_multiprocess.mark_process_dead(pid)
+
+
+def readme_table(reports: list) -> str:
+    """The README's list of metrics, from the definitions above (``reports`` is unused: nothing is measured)."""
+    lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    labels = {"requests_total": "route, method, status", "request_seconds": "route", "images_total": "outcome",
+              "rejected_total": "reason"}
+    for name, kind, meaning in DOCUMENTED:
+        label = next((v for k, v in labels.items() if name.endswith(k)), "")
+        lines.append(f"| `{name}` | {kind} | {label} | {meaning} |")
+    return "\n".join(lines)

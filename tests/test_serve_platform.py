@@ -1,0 +1,362 @@
+"""mnist-dist serve as deployment platforms run it: the Open Inference Protocol with Triton's own client, Prometheus
+metrics, backpressure, draining on SIGTERM, several workers, request IDs, hardening, and a fuzz of the whole API."""
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_dist.data import mnist
+from mnist_dist.inference.models import open_model
+from mnist_dist.serving.app import ServeOptions, create_app, load
+
+from conftest import ROOT, cpu_env
+
+INFER = "v2/models/mnist/infer"
+
+
+def start_server(model_dir, *args) -> tuple:
+    """A real server on loopback, started as users start it, and ready: (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(model_dir),
+                             "--port", "0", "--threads", "1", *map(str, args)], cwd=ROOT, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"http://[\d.]+:\d+/", line)
+    if match is None:
+        proc.kill()
+        pytest.fail(f"the server did not start: {line}{proc.stderr.read()}")
+    url = match.group(0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "v2/health/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the server never became ready")
+
+
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(exported_model, tmp_path_factory):
+    """(base URL, access log path, process id) of one server for the module's read-mostly tests."""
+    log = tmp_path_factory.mktemp("access") / "access.jsonl"
+    proc, url = start_server(exported_model, "--access-log", log)
+    yield url, log, proc.pid
+    assert stop(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    pixels, labels = mnist.load_split("test")
+    return pixels[:1000].numpy(), labels[:1000].numpy()
+
+
+def triton(url: str):
+    import tritonclient.http as triton_http
+
+    return triton_http, triton_http.InferenceServerClient(url.removeprefix("http://").rstrip("/"))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary tensors", "JSON tensors"])
+def test_tritons_own_client_gets_what_onnxruntime_gives(server, exported_model, test_images, binary):
+    url, _, _ = server
+    triton_http, client = triton(url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
+    metadata = client.get_model_metadata("mnist")
+    assert metadata["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["logits", "probabilities"]
+    pixels, labels = test_images
+    images = (pixels[:, None] / np.float32(255)).astype(np.float32)
+    expected = open_model(exported_model / "model.onnx", "onnxruntime", 1).run(images)
+    logits, probabilities = [], []
+    for start in range(0, 1000, 200):
+        tensor = triton_http.InferInput("images", [200, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(images[start : start + 200], binary_data=binary)
+        if binary:  # the client's defaults: binary in, every output binary out
+            result = client.infer("mnist", [tensor], request_id=f"batch-{start}")
+        else:
+            asked = [triton_http.InferRequestedOutput(name, binary_data=False) for name in ("logits", "probabilities")]
+            result = client.infer("mnist", [tensor], outputs=asked, request_id=f"batch-{start}")
+        assert result.get_response()["id"] == f"batch-{start}"
+        logits.append(result.as_numpy("logits"))
+        probabilities.append(result.as_numpy("probabilities"))
+    logits, probabilities = np.concatenate(logits), np.concatenate(probabilities)
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(logits - expected).max() < 1e-4
+    assert (probabilities.argmax(1) == logits.argmax(1)).all() and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert (logits.argmax(1) == labels).mean() > 0.95
+
+
+def test_uint8_pixels_nested_json_and_spec_errors(server, test_images):
+    url, _, _ = server
+    pixels, labels = test_images
+    nested = {"id": "x", "inputs": [{"name": "images", "datatype": "UINT8", "shape": [3, 1, 28, 28],
+                                      "data": pixels[:3, None].tolist()}]}
+    answer = httpx.post(url + INFER, json=nested).json()
+    logits = {o["name"]: o for o in answer["outputs"]}["logits"]
+    assert answer["id"] == "x" and logits["shape"] == [3, 10]
+    assert np.array(logits["data"]).reshape(3, 10).argmax(1).tolist() == labels[:3].tolist()
+    bad = [({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 28, 28], "data": [0] * 784}]}, 400),
+           ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0] * 784}]}, 400),
+           ({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}]}, 400),
+           ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [257, 1, 28, 28], "data": []}]}, 413),
+           ({"inputs": []}, 400)]
+    for body, status in bad:
+        response = httpx.post(url + INFER, json=body)
+        assert response.status_code == status and "\n" not in response.json()["error"], body
+    assert httpx.post(url + "v2/models/other/infer", json=nested).status_code == 404
+    assert httpx.get(url + "v2/models/other").status_code == 404
+
+
+def samples(url: str) -> dict:
+    """Every sample of /metrics, by (name, labels as sorted tuples)."""
+    text = httpx.get(url + "metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def oip_body(images: np.ndarray) -> dict:
+    return {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [len(images), 1, 28, 28],
+                        "data": images.reshape(-1).tolist()}]}
+
+
+def test_metrics_count_what_was_sent(server, test_images):
+    url, _, _ = server
+    pixels, _ = test_images
+    before = samples(url)
+    for i in range(7):  # 7 requests, 1 + 2 + ... + 7 = 28 images
+        assert httpx.post(url + INFER, json=oip_body(pixels[: i + 1])).status_code == 200
+    for _ in range(3):
+        assert httpx.post(url + INFER, json={"inputs": []}).status_code == 400
+    after = samples(url)
+    route = "/v2/models/{name}/infer"
+    assert delta(before, after, "mnist_dist_requests_total", route=route, method="POST", status="200") == 7
+    assert delta(before, after, "mnist_dist_requests_total", route=route, method="POST", status="400") == 3
+    assert delta(before, after, "mnist_dist_request_seconds_count", route=route) == 10
+    assert delta(before, after, "mnist_dist_images_total", outcome="labelled") == 28
+    assert delta(before, after, "mnist_dist_batch_images_sum") == 28
+    assert delta(before, after, "mnist_dist_queue_wait_seconds_count") == 10  # the bad ones are parsed there too
+    assert delta(before, after, "mnist_dist_model_run_seconds_count") == delta(before, after,
+                                                                                "mnist_dist_batch_images_count") >= 1
+    assert after[("mnist_dist_requests_in_flight", ())] == 1  # the scrape itself
+
+
+def test_request_ids_are_echoed_or_made_and_logged(server):
+    url, log, _ = server
+    given = httpx.get(url + "v2/health/live", headers={"X-Request-ID": "trace-42"})
+    made = httpx.get(url + "v2/health/live")
+    assert given.headers["x-request-id"] == "trace-42"
+    assert re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]+", made.headers["x-request-id"])
+    assert httpx.get(url + "v2/health/live", headers={"X-Request-ID": "bad\tid"}).headers["x-request-id"] != "bad\tid"
+    time.sleep(0.1)
+    lines = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    ours = [line for line in lines if line["request_id"] in ("trace-42", made.headers["x-request-id"])]
+    assert len(ours) == 2 and all(line["status"] == 200 and line["path"] == "/v2/health/live" for line in ours)
+
+
+def test_a_small_png_of_144_million_pixels_is_refused_at_no_memory_cost(server):
+    url, _, pid = server
+    buffer = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(buffer, format="PNG")
+    bomb = buffer.getvalue()
+    assert len(bomb) < 200_000  # 144 MB of pixels once decoded
+    peak = server_peak_mb(pid)
+    for _ in range(3):
+        response = httpx.post(url + "v1/predict", files={"file": ("bomb.png", bomb)})
+        assert response.status_code == 400 and "over the limit" in response.json()["error"]
+    assert server_peak_mb(pid) - peak < 5
+
+
+def server_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_text_field_named_file_and_too_many_images_are_client_errors(server):
+    url, _, _ = server
+    text_only = httpx.post(url + "v1/predict", files={"file": (None, b"hello")})
+    assert text_only.status_code == 400 and "not text" in text_only.json()["error"]
+    too_many = httpx.post(url + "v1/predict", json={"images": [[[0] * 28] * 28] * 257})
+    assert too_many.status_code == 413
+
+
+def slowed(served, seconds: float):
+    """The same model, each run taking ``seconds`` longer: a server that cannot keep up."""
+    run = served.model.run
+
+    def slow_run(images):
+        time.sleep(seconds)
+        return run(images)
+
+    served.model = dataclasses.replace(served.model, run=slow_run)
+    return served
+
+
+async def burst(app, requests: int, body: dict) -> list:
+    """``requests`` concurrent requests; [(response, seconds it took)]."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+            async def timed():
+                started = time.perf_counter()
+                response = await client.post("/" + INFER, json=body)
+                return response, time.perf_counter() - started
+
+            return await asyncio.gather(*(timed() for _ in range(requests)))
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(exported_model, test_images):
+    served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_queue=4,
+                                      max_batch=2)), 0.2)
+    answers = asyncio.run(burst(create_app(served), 24, oip_body(test_images[0][:1])))
+    statuses = [a.status_code for a, _ in answers]
+    assert set(statuses) == {200, 503} and statuses.count(503) >= 12, statuses
+    refused = [(a, seconds) for a, seconds in answers if a.status_code == 503]
+    assert all(a.headers["retry-after"] == "1" and "waiting for the model" in a.json()["error"] for a, _ in refused)
+    # At once: a refused request waits for the batcher to look at it (at most one slowed run), never for the queue.
+    assert max(seconds for _, seconds in refused) < 0.2 + 0.5
+
+
+def test_a_request_that_waits_too_long_gets_504(exported_model, test_images):
+    served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1,
+                                      timeout_s=0.3)), 0.5)
+    answers = asyncio.run(burst(create_app(served), 3, oip_body(test_images[0][:1])))
+    statuses = sorted(a.status_code for a, _ in answers)
+    assert statuses[-1] == 504 and set(statuses) <= {200, 504}, statuses
+
+
+def test_sigterm_answers_every_request_in_flight_then_exits_0(exported_model, test_images):
+    proc, url = start_server(exported_model, "--drain-s", 30, "--max-queue", 0)
+    try:
+        drain_with_requests_in_flight(proc, url, test_images)
+    finally:
+        proc.kill()
+
+
+def drain_with_requests_in_flight(proc, url: str, test_images) -> None:
+    big = (test_images[0][:256, None] / np.float32(255)).astype("<f4")  # 256 images: tens of ms each on one thread
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(big.shape),
+                                     "parameters": {"binary_data_size": big.nbytes}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+    clients = [httpx.Client(base_url=url, timeout=60) for _ in range(20)]
+    for client in clients:  # connected and kept alive: the 20 requests then go out together
+        client.get("healthz")
+    together = threading.Barrier(20)
+
+    def one(client):
+        together.wait()
+        return client.post(INFER, content=header + big.tobytes(), headers=headers)
+
+    with ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(one, client) for client in clients]
+        deadline = time.monotonic() + 20
+        while samples(url).get(("mnist_dist_requests_in_flight", ()), 0) < 11:  # 10 being answered, and this scrape
+            assert time.monotonic() < deadline, "the requests were never in flight"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(httpx.TransportError):  # refused: no longer listening
+            assert httpx.get(url + "v2/health/ready").status_code == 400  # not ready at once
+        answers = [f.result() for f in futures]
+    assert [a.status_code for a in answers] == [200] * 20
+    assert sum(a.headers.get("connection") == "close" for a in answers) >= 5  # those answered while draining
+    assert proc.wait(timeout=30) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "healthz")
+
+
+def test_two_workers_share_the_port_and_their_metrics_add_up(exported_model, test_images):
+    proc, url = start_server(exported_model, "--workers", 2)
+    try:
+        pixels, labels = test_images
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: httpx.post(url + INFER, json=oip_body(pixels[i : i + 1])), range(40)))
+        assert all(a.status_code == 200 for a in answers)
+        predicted = [int(np.argmax({o["name"]: o for o in a.json()["outputs"]}["logits"]["data"])) for a in answers]
+        assert np.mean(np.array(predicted) == labels[:40]) > 0.9
+        after = samples(url)
+        assert after[("mnist_dist_images_total", (("outcome", "labelled"),))] == 40
+        route = (("method", "POST"), ("route", "/v2/models/{name}/infer"), ("status", "200"))
+        assert after[("mnist_dist_requests_total", route)] == 40
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert sum(b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children) == 2
+    finally:
+        assert stop(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(server[0] + "openapi.json")
+    # Valid requests by the schema, and invalid ones (wrong types, values outside the enums, missing fields).
+    schema.config.generation.update(modes=list(schemathesis.GenerationMode), deterministic=True)
+    return schema
+
+
+def fuzz(test):
+    """Schemathesis over every route of the server's own OpenAPI schema: bounded, and the same examples every run."""
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+
+    bounded = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                       suppress_health_check=list(HealthCheck))
+    return schemathesis.pytest.from_fixture("api_schema").parametrize()(bounded(test))
+
+
+@fuzz
+def test_no_request_however_malformed_gets_a_server_error(case):
+    from schemathesis.checks import not_a_server_error
+
+    response = case.call_and_validate(checks=[not_a_server_error])
+    assert "Traceback" not in response.text
+
+
+def test_not_ready_once_the_batcher_has_died(exported_model, test_images):
+    app = create_app(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime")))
+
+    async def probe():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                before = (await client.get("/v2/health/ready")).status_code
+                app.state.batcher.stopping = True  # as if its thread had failed
+                app.state.batcher.wake.set()
+                await asyncio.to_thread(app.state.batcher.thread.join, 5)
+                after = (await client.get("/v2/health/ready")).status_code
+                model = (await client.get("/v2/models/mnist/ready")).status_code
+                infer = await client.post("/" + INFER, json=oip_body(test_images[0][:1]))
+                return before, after, model, infer, (await client.get("/v2/health/live")).status_code
+
+    before, after, model, infer, live = asyncio.run(probe())
+    assert (before, after, model, live) == (200, 400, 400, 200)
+    assert infer.status_code == 503 and "not running" in infer.json()["error"]
