@@ -104,3 +104,11 @@ def test_bad_option_values_are_one_line(exported_model, args, message):
     proc = cli(*[exported_model if a == "MODEL" else a for a in args])
     assert_one_line_error(proc, message)
     assert file_hashes(exported_model) == before
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(run_copy, trained_run):
+    foreign = sorted((trained_run / "checkpoints").glob("epoch_*.pt"))[-1]  # the same recipe, another folder
+    before = file_hashes(run_copy)
+    proc = train_job("--output-dir", run_copy, "--epochs", 2, "--resume", foreign, check=False)
+    assert_one_line_error(proc, "holds another training run", "--overwrite")
+    assert file_hashes(run_copy) == before

@@ -112,12 +112,23 @@ def check_same_steps(cfg: TrainConfig, state: dict, processes: int) -> None:
             f"{planned['batch_size'] * state['processes']}")
 
 
-def check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
-    """Refuse to clobber an earlier run (checked under the folder's lock: the run there has ended)."""
+def check_output_dir(cfg: TrainConfig, resume_state) -> None:
+    """Refuse to clobber an earlier run (checked under the folder's lock: the run there has ended): a fresh run, or
+    one resumed from another folder's checkpoint, would overwrite its metrics and mix its checkpoints."""
     out = Path(cfg.output_dir)
     holds_run = bool(checkpoint.list_checkpoints(out)) or (out / METRICS_JSONL).exists()
-    if holds_run and not (resuming or cfg.overwrite):
+    if not holds_run or cfg.overwrite:
+        return
+    if resume_state is None:
         raise UserError(f"{out} already holds a training run; pass --resume latest to continue it or --overwrite")
+    if not resumes_own_run(out, resume_state):
+        raise UserError(f"{out} holds another training run than {resume_state['path']}; resuming there would "
+                        f"overwrite its metrics and mix its checkpoints: choose an empty --output-dir, or --overwrite")
+
+
+def resumes_own_run(out: Path, resume_state: dict) -> bool:
+    """Whether the checkpoint being resumed is one of this folder's own."""
+    return Path(resume_state["path"]).resolve().parent == (out / checkpoint.CHECKPOINT_DIR).resolve()
 
 
 def prepare(cfg: TrainConfig, resume_state) -> Setup:
@@ -306,7 +317,7 @@ def run(cfg: TrainConfig) -> dict:
             # One run per folder, for the run's whole life, taken once the processes can agree on the answer.
             launch.on_main_process(accelerator, lambda: held.enter_context(
                 locks.exclusive(out / locks.RUN_LOCK, f"--output-dir {out}")))
-            check_output_dir(cfg, resuming=resume_state is not None)
+            check_output_dir(cfg, resume_state)
             return _run(cfg, setup, accelerator, resume_state, out, started)
     finally:
         accelerator.end_training()  # closes the trackers and tears the process group down; gloo aborts otherwise
@@ -335,7 +346,8 @@ def _run(cfg, setup: Setup, accelerator, resume_state, out: Path, started: float
         accelerator.print(f"Resuming from {resume_state['path']} after epoch {history.last_epoch}")
     record = run_record(cfg, setup, accelerator)
     if accelerator.is_main_process:
-        start_output_dir(out, record, fresh=resume_state is None)
+        # Starting afresh (--overwrite included): no checkpoint of an earlier run may pass for this one's.
+        start_output_dir(out, record, fresh=resume_state is None or not resumes_own_run(out, resume_state))
     if setup.trackers:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(record))
     run_number = 1 + max((row.get("run", 1) for row in history.epochs), default=0)
@@ -394,7 +406,7 @@ def log_to_trackers(accelerator, step_rows_: list, epoch_row: dict, step: int) -
 
 def start_output_dir(out: Path, record: dict, fresh: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if fresh:  # --overwrite: old checkpoints must not pass for this run's
+    if fresh:  # --overwrite, or another folder's checkpoint resumed here: old checkpoints are not this run's
         for old in checkpoint.list_checkpoints(out):
             old.unlink()
     # Temporary files of a write cut short by a hard kill: under the lock, no other writer owns them.
