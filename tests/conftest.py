@@ -2,10 +2,12 @@
 import hashlib
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,28 @@ def cpu_flags() -> set:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def start_server(model_dir, *args) -> tuple:
+    """A real server on loopback, started as users start it, and ready: (process, base URL)."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(model_dir),
+                             "--port", "0", "--threads", "1", *map(str, args)], cwd=ROOT, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"http://[\d.]+:\d+/", line)
+    if match is None:
+        proc.kill()
+        pytest.fail(f"the server did not start: {line}{proc.stderr.read()}")
+    url = match.group(0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "v2/health/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the server never became ready")

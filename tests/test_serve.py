@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,7 @@ from PIL import Image
 from mnist_dist.inference import predict
 from mnist_dist.serving.app import ServeOptions, create_app, load
 
-from conftest import ROOT, cpu_env, run, write_test_pngs
+from conftest import run, start_server, write_test_pngs
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -148,15 +147,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(exported_model):
     """A real server on loopback, started as users start it; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(exported_model),
-                             "--port", "0", "--threads", "1"], cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"http://[\d.]+:\d+/", line)
-    if match is None:
-        proc.kill()
-        pytest.fail(f"the server did not start: {line}{proc.stderr.read()}")
-    yield match.group(0)
+    proc, url = start_server(exported_model)
+    yield url
     proc.terminate()
     proc.wait(timeout=30)
 

@@ -7,8 +7,6 @@ import io
 import json
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,36 +18,14 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from mnist_dist.bench.serve import peak_rss_mb
 from mnist_dist.data import mnist
 from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
 
-from conftest import ROOT, cpu_env
+from conftest import start_server
 
 INFER = "v2/models/mnist/infer"
-
-
-def start_server(model_dir, *args) -> tuple:
-    """A real server on loopback, started as users start it, and ready: (process, base URL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(model_dir),
-                             "--port", "0", "--threads", "1", *map(str, args)], cwd=ROOT, env=cpu_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"http://[\d.]+:\d+/", line)
-    if match is None:
-        proc.kill()
-        pytest.fail(f"the server did not start: {line}{proc.stderr.read()}")
-    url = match.group(0)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "v2/health/ready").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("the server never became ready")
 
 
 def stop(proc) -> int:
@@ -186,18 +162,11 @@ def test_a_small_png_of_144_million_pixels_is_refused_at_no_memory_cost(server):
     Image.new("L", (12_000, 12_000)).save(buffer, format="PNG")
     bomb = buffer.getvalue()
     assert len(bomb) < 200_000  # 144 MB of pixels once decoded
-    peak = server_peak_mb(pid)
+    peak = peak_rss_mb(pid)
     for _ in range(3):
         response = httpx.post(url + "v1/predict", files={"file": ("bomb.png", bomb)})
         assert response.status_code == 400 and "over the limit" in response.json()["error"]
-    assert server_peak_mb(pid) - peak < 5
-
-
-def server_peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    assert peak_rss_mb(pid) - peak < 5
 
 
 def test_a_text_field_named_file_and_too_many_images_are_client_errors(server):

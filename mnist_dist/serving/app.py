@@ -10,7 +10,7 @@
 
 Preprocessing and output fields of /v1 are predict's own (``inference.inputs``,
 ``inference.predict``); /v2 takes the model's input tensor as it is. Bodies are
-read on the event loop, but parsed and decoded in worker threads. Every error
+read on the event loop, but parsed and decoded on the batcher's thread. Every error
 reaches the client as {"error": "one line"} with a 4xx status (503/504 when
 the server is too busy, 5xx only for its own faults); no traceback ever
 leaves the process.
@@ -305,7 +305,7 @@ async def answer(request: Request, invert: str, with_image: bool):
         raise BadRequest("send multipart/form-data with fields named 'file', or application/json "
                          "{\"images\": [...]}", 415)
     served = request.app.state.served
-    job = PredictJob(await request.body(), content_type, served, served.framing(invert), with_image)
+    job = PredictJob(await request.body(), content_type, kind, served, served.framing(invert), with_image)
     payload = await answer_of(request, job)
     metrics.IMAGES.labels("labelled").inc(len(job.good))
     if len(job.items) > len(job.good):
@@ -320,14 +320,15 @@ class PredictJob(Job):
     """A /v1 request: its images read, decoded and made MNIST-like, labelled, and its answer written, all on the
     batcher's thread."""
 
-    def __init__(self, body: bytes, content_type: str, served: Served, framing: Framing, with_image: bool):
-        self.body, self.content_type, self.served, self.framing = body, content_type, served, framing
-        self.with_image = with_image
+    def __init__(self, body: bytes, content_type: str, kind: str, served: Served, framing: Framing,
+                 with_image: bool):
+        self.body, self.content_type, self.kind, self.served = body, content_type, kind, served
+        self.framing, self.with_image = framing, with_image
         self.items: list = []
         self.good: list = []
 
     def prepare(self) -> np.ndarray:
-        if self.content_type.split(";")[0].strip().lower() == "multipart/form-data":
+        if self.kind == "multipart/form-data":
             self.items = uploaded_items(self.body, self.content_type, self.framing, self.served.options.max_pixels)
         else:
             self.items = json_items(self.body, self.framing)

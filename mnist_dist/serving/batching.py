@@ -147,9 +147,14 @@ class MicroBatcher:
         if pending.future.cancelled():  # timed out, or the client went away: not worth anything more
             return pending
         try:
-            pending.images = pending.job.prepare()
+            images = pending.job.prepare()
         except Exception as e:  # the client's mistake, or an image that cannot be read: this request's alone
             pending.result = (None, e)
+            return pending
+        if len(images):
+            pending.images = images
+        else:  # nothing the model needs to see (no image could be read): answered at once
+            pending.result = finished(pending, np.zeros((0, 0), np.float32))
         return pending
 
     def serve(self, batch: list) -> None:
@@ -158,10 +163,7 @@ class MicroBatcher:
         admitted = 0
         runnable, answered = [], []
         for pending in batch:
-            if pending.images is None:  # failed to prepare, or no longer wanted
-                answered.append(pending)
-            elif len(pending.images) == 0:  # nothing the model needs to see
-                pending.result = finished(pending, np.zeros((0, 0), np.float32))
+            if pending.images is None:  # answered already, or no longer wanted
                 answered.append(pending)
             elif self.max_queue and admitted and admitted + len(pending.images) > self.max_queue:
                 pending.result = (None, Overloaded(f"more than {self.max_queue} images are waiting for the model"))
@@ -236,10 +238,12 @@ class Unbatched(MicroBatcher):
     """One job at a time per request, each in its own worker thread, concurrently on the shared session: the
     baseline micro-batching is measured against."""
 
+    @property
+    def running(self) -> bool:
+        return self.loop is not None and not self.stopping
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self.wake.wait, name="unbatched", daemon=True)  # "running"
-        self.thread.start()
 
     async def __call__(self, job: Job, timeout: float | None = None):
         if not self.running:
@@ -250,11 +254,8 @@ class Unbatched(MicroBatcher):
         return await (work if timeout is None else asyncio.wait_for(work, timeout))
 
     def alone(self, pending: Pending):
-        self.prepared(pending)
-        if pending.images is not None and len(pending.images):
+        if self.prepared(pending).images is not None:
             self.run_group([pending])
-        elif pending.images is not None:
-            pending.result = finished(pending, np.zeros((0, 0), np.float32))
         answer, error = pending.result
         if error is not None:
             raise error
