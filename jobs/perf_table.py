@@ -24,6 +24,8 @@ TABLES = {
               "benchmarks/train-cpu-avx2.json", "benchmarks/train-cpu-avx2-best.json", "benchmarks/train-h100.json"]),
     "inference": ("mnist_dist.bench.inference:readme_table",
                   ["benchmarks/inference-cpu-avx512.json", "benchmarks/inference-cpu-avx2.json"]),
+    "calibration": ("mnist_dist.bench.inference:calibration_table",
+                    ["benchmarks/inference-cpu-avx2.json", "benchmarks/inference-cpu-avx2-best.json"]),
     "predict": ("mnist_dist.bench.predict:readme_table",
                 ["benchmarks/predict-cpu-avx2-deploy.json", "benchmarks/predict-cpu-avx512.json"]),
     "serve": ("mnist_dist.bench.serve:readme_table",

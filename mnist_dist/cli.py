@@ -175,9 +175,13 @@ def export_command(source, out_dir, data_dir, force, download):
     The folder appears only when every artifact matches PyTorch; a failed export leaves nothing behind."""
     from .exporting.export import export_model
     from .exporting.validate import format_report
+    from .scores import calibration_line
 
     manifest, results = export_model(source, out_dir, data_dir, force, download, log=click.echo)
     click.echo(format_report(results))
+    calibration = manifest["calibration"]
+    click.echo(f"Calibrated on {calibration['fitted_on']}; on the test set, "
+               + calibration_line(calibration["test_before"], calibration["test_after"]))
     click.echo(f"Wrote {', '.join(manifest['files'])} and manifest.json to {out_dir}")
 
 
@@ -234,6 +238,7 @@ def preview(data_dir, split, start, count, out, download):
 def report(run_dir, model_dir, data_dir, limit, download):
     """Pictures: RUN_DIR's training curves, and/or a test-set report for --model-dir."""
     from .reports import report as report_lib
+    from .scores import calibration_line
 
     if not run_dir and not model_dir:
         raise UserError("give a training RUN_DIR, --model-dir DIR, or both")
@@ -241,8 +246,10 @@ def report(run_dir, model_dir, data_dir, limit, download):
         click.echo(f"Wrote {report_lib.run_curves(run_dir)}")
     if model_dir:
         summary = report_lib.model_report(model_dir, data_dir, download, limit=limit)
-        click.echo(f"Accuracy {100 * summary['accuracy']:.2f}%, {summary['mistakes']} misclassified; wrote "
-                   f"{report_lib.CONFUSION}, {report_lib.MISTAKES} and {report_lib.REPORT} in {model_dir}")
+        calibration = summary["calibration"]
+        click.echo(f"Accuracy {100 * summary['accuracy']:.2f}%, {summary['mistakes']} misclassified; "
+                   + calibration_line(calibration["before"], calibration["after"]))
+        click.echo(f"Wrote {', '.join(report_lib.PICTURES)} and {report_lib.REPORT} in {model_dir}")
 
 
 @main.command()
@@ -327,7 +334,7 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
         atomic.write_json(json_path, result)
     if report:
         report_lib.model_report(model_dir, data_dir, download, bench=result)
-        click.echo(f"Wrote {report_lib.REPORT}, {report_lib.CONFUSION} and {report_lib.MISTAKES} in {model_dir}")
+        click.echo(f"Wrote {report_lib.REPORT}, {', '.join(report_lib.PICTURES)} in {model_dir}")
     off = sorted({r["runtime"] for r in result["results"] if r["valid"] is False})
     if off:
         raise UserError(f"{', '.join(off)}: accuracy off PyTorch's {100 * result['pytorch_test_accuracy']:.2f}% "

@@ -50,7 +50,13 @@ def test_bench_reports_every_runtime_and_batch(exported_model, tmp_path):
     assert ("not available" in proc.stdout) == (not has_cuda)
     assert any(c["runtime"] == "onnxruntime-int8" and c["baseline"] == "onnxruntime-fp32"
                for c in report["comparisons"])
+    calibration = report["calibration"]  # on the 300 images benchmarked
+    assert calibration["after"]["ece"] < calibration["before"]["ece"]
+    assert calibration["after"]["temperature"] == json.loads((model / "manifest.json").read_text())[
+        "calibration"]["temperature"]
+    assert f"ECE {100 * calibration['before']['ece']:.2f}% -> {100 * calibration['after']['ece']:.2f}%" in proc.stdout
     plots.png_size(model / "confusion.png")  # bench drew the report's pictures too
+    plots.png_size(model / "calibration.png")
     assert "| onnxruntime-int8 | 64 |" in (model / "report.md").read_text()
     assert json.loads((model / "bench.json").read_text()) == report
 

@@ -10,7 +10,7 @@ from mnist_dist.atomic import read_jsonl
 from mnist_dist.cli import main
 from mnist_dist.reports import plots, report
 
-from conftest import run
+from conftest import calibrated_softmax, ece_15_bins, run
 
 
 def test_preview_writes_the_tutorials_grid(mnist_root, tmp_path):
@@ -88,8 +88,8 @@ def model_report(exported_model, mnist_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_predictions(exported_model):
-    """Test-set labels and the ONNX model's predictions, computed here without the report code."""
+def onnx_logits(exported_model):
+    """Test-set labels and the ONNX model's logits, computed here without the report code."""
     import onnxruntime as ort
     from torchvision.transforms.functional import to_tensor
 
@@ -98,7 +98,13 @@ def onnx_predictions(exported_model):
     images, labels = mnist.load_split("test")
     x = np.stack([to_tensor(image.numpy()).numpy() for image in images])  # the tutorial's own scaling
     session = ort.InferenceSession(str(exported_model / "model.onnx"), providers=["CPUExecutionProvider"])
-    return labels.numpy(), session.run(None, {"images": x})[0].argmax(1)
+    return labels.numpy(), session.run(None, {"images": x})[0]
+
+
+@pytest.fixture(scope="module")
+def onnx_predictions(onnx_logits):
+    labels, logits = onnx_logits
+    return labels, logits.argmax(1)
 
 
 def test_model_report_confusion_adds_up_on_the_full_test_set(model_report, onnx_predictions):
@@ -130,6 +136,23 @@ def test_report_markdown_states_accuracy_and_per_class_figures(model_report):
     assert "(confusion.png)" in text and "(mistakes.png)" in text
     assert text.count("\n| ") >= 11  # header + 10 classes
     assert "mnist-dist bench" in text  # no benchmark yet: says how to add one
+
+
+def test_reliability_diagram_and_calibration_table(model_report, onnx_logits, exported_model):
+    out, summary = model_report
+    labels, logits = onnx_logits
+    temperature = json.loads((exported_model / "manifest.json").read_text())["calibration"]["temperature"]
+    before = ece_15_bins(calibrated_softmax(logits, 1.0), labels)
+    after = ece_15_bins(calibrated_softmax(logits, temperature), labels)
+    calibration = summary["calibration"]
+    assert (calibration["before"]["ece"], calibration["after"]["ece"]) == pytest.approx((before, after), abs=1e-6)
+    drawn = calibration["picture"]  # the legend of the figure itself
+    assert drawn["curves"] == [f"softmax(logits): ECE {100 * before:.2f}%",
+                               f"softmax(logits / {temperature:.3f}): ECE {100 * after:.2f}%"]
+    assert plots.png_size(out / "calibration.png") == (700, 800)
+    text = (out / "report.md").read_text()
+    assert f"| expected calibration error (15 bins) | {100 * before:.2f}% | {100 * after:.2f}% |" in text
+    assert "(calibration.png)" in text
 
 
 def test_readme_performance_table_matches_the_benchmark_files():

@@ -9,8 +9,8 @@ from PIL import Image
 
 from mnist_dist.data import mnist
 from mnist_dist.inference import images, predict
+from mnist_dist.inference import manifest as manifest_lib
 from mnist_dist.inference.models import open_model
-from mnist_dist.scores import softmax
 
 from conftest import run, write_test_pngs
 
@@ -72,7 +72,8 @@ def test_rgb_odd_size_and_dark_on_light_images_are_made_mnist_like(exported_mode
     pixels, labels = test_digits
     model = open_model(exported_model / "model.onnx", "onnxruntime")
     x = pixels[:100, None].astype(np.float32) * np.float32(model.manifest["input"]["scale"])
-    confident = [i for i, p in enumerate(softmax(model.run(x))) if p.max() > 0.999 and p.argmax() == labels[i]]
+    probabilities = manifest_lib.probabilities(model.run(x), model.manifest)
+    confident = [i for i, p in enumerate(probabilities) if p.max() > 0.999 and p.argmax() == labels[i]]
     files, truth = [], []
     for i in confident[:8]:
         digit = Image.fromarray(pixels[i])
@@ -198,8 +199,6 @@ def test_corrupt_or_foreign_models_are_refused(exported_model, tmp_path):
 
 
 def record_in_manifest(folder, name):
-    from mnist_dist.inference import manifest as manifest_lib
-
     manifest = manifest_lib.load(folder)
     manifest["files"][name] = manifest_lib.describe_file(folder / name)
     (folder / manifest_lib.MANIFEST).write_text(json.dumps(manifest))
@@ -209,7 +208,7 @@ def confident_digits(exported_model, test_digits, count: int) -> list:
     """Indices of test digits the model reads right with near certainty: any miss below is the input's handling."""
     pixels, labels = test_digits
     model = open_model(exported_model / "model.onnx", "onnxruntime")
-    probabilities = softmax(model.run(pixels[:200, None].astype(np.float32) / 255))
+    probabilities = manifest_lib.probabilities(model.run(pixels[:200, None].astype(np.float32) / 255), model.manifest)
     return [i for i, p in enumerate(probabilities) if p.max() > 0.999 and p.argmax() == labels[i]][:count]
 
 

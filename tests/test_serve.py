@@ -131,6 +131,7 @@ def test_model_and_health_endpoints(client, exported_model):
     info = client.get("/v1/model").json()
     assert info["input"] == manifest["input"] and info["classes"] == manifest["classes"]
     assert info["test_accuracy"] == manifest["pytorch_test_accuracy"]
+    assert info["temperature"] == manifest["calibration"]["temperature"]
     assert info["sha256"]["model.onnx"] == manifest["files"]["model.onnx"]["sha256"]
     assert info["runtime"].startswith("onnxruntime") and info["batching"]["on"] is True
     page = client.get("/")

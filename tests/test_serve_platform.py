@@ -7,6 +7,7 @@ import io
 import json
 import re
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from mnist_dist.data import mnist
 from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
 
-from conftest import start_server
+from conftest import ROOT, calibrated_softmax, run, start_server
 
 INFER = "v2/models/mnist/infer"
 
@@ -82,6 +83,33 @@ def test_tritons_own_client_gets_what_onnxruntime_gives(server, exported_model, 
     assert np.abs(logits - expected).max() < 1e-4
     assert (probabilities.argmax(1) == logits.argmax(1)).all() and np.allclose(probabilities.sum(1), 1, atol=1e-5)
     assert (logits.argmax(1) == labels).mean() > 0.95
+
+
+def test_every_consumer_gives_the_same_calibrated_probabilities(server, exported_model, test_images, tmp_path):
+    """The Open Inference Protocol, /v1 (which the drawing page shows) and the predict job, against onnxruntime's
+    logits divided by the manifest's temperature, here."""
+    import onnxruntime as ort
+
+    url, _, _ = server
+    pixels = test_images[0][:20]
+    session = ort.InferenceSession(str(exported_model / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"images": pixels[:, None].astype(np.float32) / 255})[0]
+    temperature = json.loads((exported_model / "manifest.json").read_text())["calibration"]["temperature"]
+    expected = calibrated_softmax(logits, temperature)
+    assert temperature != pytest.approx(1, abs=0.05) and not np.allclose(expected, calibrated_softmax(logits, 1))
+    infer = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [20, 1, 28, 28],
+                         "data": pixels.reshape(-1).tolist()}], "outputs": [{"name": "probabilities"}]}
+    oip = np.array(httpx.post(url + INFER, json=infer).json()["outputs"][0]["data"]).reshape(20, 10)
+    v1 = httpx.post(url + "v1/predict?invert=no", json={"images": pixels.tolist()}).json()["results"]
+    np.save(tmp_path / "digits.npy", pixels)
+    run([sys.executable, ROOT / "jobs/predict.py", tmp_path / "digits.npy", "--model", exported_model / "model.onnx",
+         "--invert", "no", "--out", tmp_path / "rows.json"])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert np.abs(oip - expected).max() < 1e-6  # FP32 on the wire
+    assert np.abs(np.array([r["probabilities"] for r in v1]) - expected).max() < 1e-6
+    assert np.abs(np.array([r["confidence"] for r in rows]) - expected.max(1)).max() < 1e-6
+    top3 = np.array([[p for _, p in r["top3"]] for r in rows])
+    assert np.abs(top3 - np.sort(expected, 1)[:, ::-1][:, :3]).max() < 1e-6
 
 
 def test_uint8_pixels_nested_json_and_spec_errors(server, test_images):

@@ -42,24 +42,27 @@ def test_prints_what_the_tutorial_prints(tmp_path):
     assert "Test result: Accuracy:" in out and "/10000)" in out and "images/s" in out
 
 
-def final_weights(run_dir):
-    return checkpoint.load(checkpoint.latest_checkpoint(run_dir))["model"]
+def final_weights(run_dir, which="model"):
+    return checkpoint.load(checkpoint.latest_checkpoint(run_dir))[which]
 
 
-def assert_same_weights(run_a, run_b):
-    a, b = final_weights(run_a), final_weights(run_b)
+def assert_same_weights(run_a, run_b, which="model"):
+    a, b = final_weights(run_a, which), final_weights(run_b, which)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_is_bitwise_identical_to_a_straight_run_and_keeps_its_seed_and_batch_limit(tmp_path):
-    recipe = ["--preset", "tutorial", "--limit-batches", 10, "--seed", 3, "--log-every", 1000]
+    # Augmentation draws from a generator and the weight average has its own state: both must survive a resume.
+    recipe = ["--preset", "tutorial", "--limit-batches", 10, "--seed", 3, "--log-every", 1000, "--augment",
+              "--ema", 0.9]
     train_job("--output-dir", tmp_path / "straight", "--epochs", 3, *recipe)
     train_job("--output-dir", tmp_path / "split", "--epochs", 2, *recipe)
     train_job("--output-dir", tmp_path / "split", "--epochs", 3, "--resume", "latest")  # seed and limit not repeated
-    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")  # the average, which is evaluated and exported
+    assert_same_weights(tmp_path / "straight", tmp_path / "split", "train_model")  # the weights Adam moves
     config = json.loads((tmp_path / "split" / "config.json").read_text())
-    assert (config["seed"], config["limit_batches"]) == (3, 10)
+    assert (config["seed"], config["limit_batches"], config["augment"], config["ema"]) == (3, 10, True, 0.9)
     rows = read_jsonl(tmp_path / "split" / "metrics.jsonl")
     assert [(r["epoch"], r["run"], r["train_images"]) for r in rows] == [(1, 1, 640), (2, 1, 640), (3, 2, 640)]
     assert rows[-1]["test_accuracy"] == read_jsonl(tmp_path / "straight" / "metrics.jsonl")[-1]["test_accuracy"]

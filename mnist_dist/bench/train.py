@@ -141,7 +141,7 @@ def run_pipeline(name: str, train_script, train_args: list, processes: int, laun
         config = json.loads((out / "config.json").read_text())
     history = [{k: row[k] for k in ("epoch", "test_accuracy", "wall_s", "images_per_s")} for row in rows]
     settings = {k: config[k] for k in ("preset", "batch_size", "lr", "schedule", "mixed_precision", "channels_last",
-                                       "label_smoothing", "augment", "epochs")}
+                                       "label_smoothing", "augment", "ema", "epochs")}
     settings.update(processes=final["processes"], global_batch=final["global_batch"], device=config["device"],
                     threads=config.get("threads"), launcher=launcher)
     extra = {"startup_s": final["startup_s"], "data_load_s": final["data_load_s"], "process_s": process_s}

@@ -14,9 +14,11 @@ import torch
 from .. import atomic
 from ..errors import UserError
 from ..inference import manifest as manifest_lib
+from ..inference.models import open_model
 from ..inference.torch_runtime import quiet_torchscript
 from ..model import IMAGE_SIZE
 from ..training import checkpoint
+from .calibrate import calibrate
 from .validate import ATOL, BATCH_SIZES, RTOL, check_onnx_file, test_images, validate_artifacts
 
 
@@ -103,7 +105,10 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
         log(f"Validating against PyTorch on {len(images):,} test images")
         draft = build_manifest(staging, ckpt_path, state, model, contract)
         results = validate_artifacts(staging, draft, images, labels)
-        manifest = with_validation(draft, results)
+        log("Fitting the temperature that calibrates the probabilities")
+        eager = open_model(staging / manifest_lib.REFERENCE, manifest=draft)
+        calibration = calibrate(eager, contract, images, labels, data_dir, download)
+        manifest = {**with_validation(draft, results), "calibration": calibration}
         atomic.write_json(staging / manifest_lib.MANIFEST, manifest)
         publish(staging, out_dir)
     finally:
@@ -118,7 +123,7 @@ def build_manifest(folder: Path, ckpt_path: Path, state: dict, model, contract: 
         "format_version": manifest_lib.FORMAT_VERSION,
         "status": "unvalidated",
         "source_checkpoint": {"path": str(ckpt_path.absolute()), "sha256": manifest_lib.sha256(ckpt_path),
-                              "epoch": state.get("epoch")},
+                              "epoch": state.get("epoch"), "recipe": recipe(state)},
         "model_config": model.config,
         **contract,
         "artifacts": dict(manifest_lib.ARTIFACTS, reference=manifest_lib.REFERENCE),
@@ -126,6 +131,13 @@ def build_manifest(folder: Path, ckpt_path: Path, state: dict, model, contract: 
         "opset": manifest_lib.OPSET,
         "versions": versions(),
     }
+
+
+def recipe(state: dict) -> dict:
+    """How the checkpoint was trained, as far as it says (checkpoints from other tools may say nothing)."""
+    trained = state.get("train_config") or {}
+    return {k: trained[k] for k in ("preset", "epochs", "batch_size", "lr", "label_smoothing", "augment", "ema",
+                                    "seed", "mixed_precision") if k in trained}
 
 
 def with_validation(manifest: dict, results: list) -> dict:

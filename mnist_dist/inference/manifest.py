@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..scores import softmax
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ def contract(model_config: dict, image_size: int) -> dict:
             "digit_box": DIGIT_BOX,
         },
         "output": {"name": "logits", "shape": ["batch", model_config["num_classes"]], "dtype": "float32",
-                   "note": "unnormalised scores: apply softmax for probabilities"},
+                   "note": "unnormalised scores: probabilities are softmax(logits / calibration.temperature)"},
         "classes": [str(i) for i in range(model_config["num_classes"])],
     }
 
@@ -50,6 +51,16 @@ def model_input(pixels, contract: dict) -> np.ndarray:
     if pixels.ndim == 3:
         pixels = pixels[:, None]
     return np.ascontiguousarray(pixels.astype(np.float32) * np.float32(contract["input"]["scale"]))
+
+
+def temperature(manifest: dict) -> float:
+    """The temperature fitted at export (1 for models exported before calibration existed)."""
+    return float(manifest.get("calibration", {}).get("temperature", 1.0))
+
+
+def probabilities(logits, manifest: dict) -> np.ndarray:
+    """The model's calibrated probabilities: what every consumer reports as confidence."""
+    return softmax(logits, temperature(manifest))
 
 
 def image_size(contract: dict) -> tuple:

@@ -7,18 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..scores import softmax
+from . import manifest as manifest_lib
 from .inputs import Item
 
 COLUMNS = ("input", "prediction", "confidence", "top3", "error")
 
 
-def rows_for(items: list, good: list, logits, classes: list, probabilities: bool = False) -> list:
+def rows_for(items: list, good: list, logits, manifest: dict, probabilities: bool = False) -> list:
     """One row per item, in order: the model's answer for the good ones, the error for the others.
     With ``probabilities``, each row also carries all of them, one per class."""
+    classes = manifest["classes"]
     scores = np.zeros((len(items), len(classes)))
     if good:
-        scores[good] = softmax(logits)
+        scores[good] = manifest_lib.probabilities(logits, manifest)
     # The top three of every row at once, then plain Python numbers: per row, numpy calls cost more than the work.
     top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
     top_scores = np.take_along_axis(scores, top, axis=1).tolist()

@@ -1,4 +1,5 @@
-"""Pictures as matplotlib PNGs: the tutorial's sample grid, training curves, confusion matrix, mistakes.
+"""Pictures as matplotlib PNGs: the tutorial's sample grid, training curves, confusion matrix, mistakes,
+reliability diagram.
 
 Figures are drawn with the Agg backend (no display needed) at a fixed size
 and DPI, so each PNG has a known pixel size; each is written atomically.
@@ -17,6 +18,7 @@ DPI = 100
 GRID_SIZE_IN = (6, 6)
 CURVES_SIZE_IN = (15, 4.5)
 CONFUSION_SIZE_IN = (8, 8)
+RELIABILITY_SIZE_IN = (7, 8)
 MISTAKES_COLUMNS = 10
 MISTAKE_CELL_IN = (1.2, 1.45)
 
@@ -98,6 +100,36 @@ def confusion(cm: np.ndarray, path, classes) -> dict:
     diagonal = [t for t in ax.texts if t.get_position()[0] == t.get_position()[1]]
     drawn = {"cells": len(ax.texts), "annotated_total": sum(int(t.get_text()) for t in ax.texts),
              "annotated_diagonal": sum(int(t.get_text()) for t in diagonal)}
+    save(fig, path)
+    return drawn
+
+
+def reliability(curves: dict, path) -> dict:
+    """A reliability diagram: per confidence bin, the accuracy against the mean confidence (on the diagonal
+    when calibrated), one curve per entry of ``curves`` (label -> scores.reliability rows, plus its ECE), each
+    point's area growing with the answers in its bin, since a bin of two answers says little; below, how many
+    answers fall in each bin (log scale), side by side. Returns what was drawn."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=RELIABILITY_SIZE_IN, height_ratios=(3, 1.3), sharex=True)
+    top.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="calibrated")
+    share = 0.9 / max(len(curves), 1)  # of a bin's width, for each curve's bar
+    for i, ((label, curve), colour) in enumerate(zip(curves.items(), ("tab:red", "tab:blue"))):
+        rows = curve["bins"]
+        x, counts = [r["confidence"] for r in rows], np.array([r["count"] for r in rows])
+        top.plot(x, [r["accuracy"] for r in rows], color=colour, lw=1,
+                 label=f"{label}: ECE {100 * curve['ece']:.2f}%")
+        top.scatter(x, [r["accuracy"] for r in rows], s=8 + 25 * np.log10(counts), color=colour, zorder=3)
+        widths = [(r["hi"] - r["lo"]) * share for r in rows]
+        bottom.bar([r["lo"] + (r["hi"] - r["lo"]) * (0.05 + share * (i + 0.5)) for r in rows], counts, width=widths,
+                   color=colour, label=label)
+    top.set(title="Reliability on the test set (15 confidence bins; point area ~ log answers)",
+            ylabel="accuracy in the bin", xlim=(0, 1.01), ylim=(-0.02, 1.02))
+    top.legend(loc="lower right")
+    bottom.set(xlabel="confidence (probability of the predicted class)", ylabel="answers", yscale="log")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    drawn = {"curves": [line.get_label() for line in top.lines[1:]], "points": [len(line.get_xdata())
+                                                                                for line in top.lines[1:]]}
     save(fig, path)
     return drawn
 

@@ -10,12 +10,14 @@ from ..errors import UserError
 from ..inference import manifest as manifest_lib
 from ..inference import runtimes
 from ..inference.models import open_model
-from ..scores import softmax
+from ..scores import before_and_after, reliability
 from . import plots
 
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
+CALIBRATION = "calibration.png"
 MISTAKES = "mistakes.png"
+PICTURES = (CONFUSION, CALIBRATION, MISTAKES)
 REPORT = "report.md"
 BENCH_JSON = "bench.json"
 
@@ -52,11 +54,24 @@ def per_class(cm: np.ndarray) -> list:
 
 
 def predict_test_set(model_dir, manifest: dict, data_dir=None, download=True) -> tuple:
-    """(uint8 images, labels, predictions, confidences) of the folder's ONNX model on the test set."""
+    """(uint8 images, labels, logits) of the folder's ONNX model on the test set."""
     images, labels = mnist.load_split("test", data_dir, download)
     runner = open_model(Path(model_dir) / manifest["artifacts"]["onnx"], "onnxruntime", manifest=manifest)
-    probabilities = softmax(runtimes.run_batched(runner, manifest_lib.model_input(images.numpy(), manifest), 1000))
-    return images.numpy(), labels.numpy(), probabilities.argmax(1), probabilities.max(1)
+    logits = runtimes.run_batched(runner, manifest_lib.model_input(images.numpy(), manifest), 1000)
+    return images.numpy(), labels.numpy(), logits
+
+
+def draw_calibration(logits, labels, manifest: dict, path) -> dict:
+    """calibration.png, and the test set's calibration without and with the manifest's temperature."""
+    temperature = manifest_lib.temperature(manifest)
+    summary = before_and_after(logits, labels, temperature)
+    curves = {"softmax(logits)": {"bins": reliability(manifest_lib.probabilities(logits, {}), labels),
+                                  "ece": summary["before"]["ece"]}}
+    if "calibration" in manifest:
+        curves[f"softmax(logits / {temperature:.3f})"] = {
+            "bins": reliability(manifest_lib.probabilities(logits, manifest), labels), "ece": summary["after"]["ece"]}
+    summary["picture"] = plots.reliability(curves, path)
+    return summary
 
 
 def model_report(model_dir, data_dir=None, download=True, out_dir=None, limit=100, bench=None) -> dict:
@@ -67,7 +82,9 @@ def model_report(model_dir, data_dir=None, download=True, out_dir=None, limit=10
     manifest = manifest_lib.load(model_dir)
     if bench is None and (model_dir / BENCH_JSON).is_file():
         bench = json.loads((model_dir / BENCH_JSON).read_text())
-    images, labels, predictions, confidences = predict_test_set(model_dir, manifest, data_dir, download)
+    images, labels, logits = predict_test_set(model_dir, manifest, data_dir, download)
+    probabilities = manifest_lib.probabilities(logits, manifest)
+    predictions, confidences = probabilities.argmax(1), probabilities.max(1)
     cm = confusion_matrix(labels, predictions, len(manifest["classes"]))
     drawn_confusion = plots.confusion(cm, out_dir / CONFUSION, manifest["classes"])
     drawn_mistakes = plots.mistakes(images, labels, predictions, confidences, out_dir / MISTAKES, limit)
@@ -75,9 +92,29 @@ def model_report(model_dir, data_dir=None, download=True, out_dir=None, limit=10
     summary = {"accuracy": float(np.trace(cm) / cm.sum()), "test_samples": int(cm.sum()),
                "mistakes": int(cm.sum() - np.trace(cm)), "mistakes_shown": shown,
                "pictures": {"confusion": drawn_confusion, "mistakes": drawn_mistakes},
-               "confusion": cm.tolist(), "per_class": per_class(cm)}
+               "confusion": cm.tolist(), "per_class": per_class(cm),
+               "calibration": draw_calibration(logits, labels, manifest, out_dir / CALIBRATION)}
     atomic.write_text(out_dir / REPORT, render_markdown(summary, manifest, bench))
     return summary
+
+
+def calibration_section(calibration: dict, manifest: dict) -> str:
+    if "calibration" not in manifest:
+        return ("This model was exported before calibration existed: its probabilities are the plain softmax of "
+                "the logits. Export it again to fit a temperature.")
+    before, after = calibration["before"], calibration["after"]
+    rows = [("expected calibration error (15 bins)", f"{100 * before['ece']:.2f}%", f"{100 * after['ece']:.2f}%"),
+            ("negative log-likelihood", f"{before['nll']:.4f}", f"{after['nll']:.4f}"),
+            ("mean confidence", f"{100 * before['mean_confidence']:.2f}%", f"{100 * after['mean_confidence']:.2f}%"),
+            ("answers at least 90% sure", f"{100 * before['confident_share']:.1f}%",
+             f"{100 * after['confident_share']:.1f}%"),
+            ("accuracy of those answers", *(f"{100 * c['confident_accuracy']:.2f}%"
+                                            if c["confident_accuracy"] is not None else "-" for c in (before, after)))]
+    return "\n".join([
+        f"Probabilities are `softmax(logits / {after['temperature']:.4f})`, the temperature fitted at export on "
+        f"{manifest['calibration']['fitted_on']}. Predictions and accuracy are the same either way.",
+        "", "| on the 10,000 test images | plain softmax | calibrated |", "|---|---|---|",
+        *(f"| {name} | {a} | {b} |" for name, a, b in rows)])
 
 
 def render_markdown(summary: dict, manifest: dict, bench) -> str:
@@ -96,6 +133,12 @@ def render_markdown(summary: dict, manifest: dict, bench) -> str:
         "|---|---|---|---|",
         *(f"| {row['class']} | {100 * row['precision']:.2f}% | {100 * row['recall']:.2f}% | {row['support']} |"
           for row in summary["per_class"]),
+        "",
+        "## Calibration",
+        "",
+        calibration_section(summary["calibration"], manifest),
+        "",
+        f"![reliability diagram]({CALIBRATION})",
         "",
         f"## Misclassified images ({len(summary['mistakes_shown'])} of {summary['mistakes']} shown)",
         "",

@@ -39,6 +39,7 @@ from starlette.routing import Match, Route
 
 from .. import __version__
 from ..errors import UserError, one_line
+from ..inference import manifest as manifest_lib
 from ..inference import outputs, predict
 from ..inference.images import MAX_PIXELS
 from ..inference.inputs import Framing, Item, array_item, image_item
@@ -284,7 +285,8 @@ class InferJob(Job):
 
     def finish(self, logits: np.ndarray) -> tuple:
         assert self.request is not None
-        return oip.encode_infer(self.model_name, self.request, logits)
+        probabilities = manifest_lib.probabilities(logits, self.manifest)
+        return oip.encode_infer(self.model_name, self.request, logits, probabilities)
 
 
 # --- /v1: images as users have them --------------------------------------------------------------------------------
@@ -336,8 +338,8 @@ class PredictJob(Job):
         return batch
 
     def finish(self, logits: np.ndarray) -> bytes:
-        classes = self.served.model.manifest["classes"]
-        rows = outputs.rows_for(self.items, self.good, logits if self.good else None, classes, probabilities=True)
+        manifest = self.served.model.manifest
+        rows = outputs.rows_for(self.items, self.good, logits if self.good else None, manifest, probabilities=True)
         results = [with_seen_image(row, item) if self.with_image else row for row, item in zip(rows, self.items)]
         if self.good:
             return json.dumps({"results": results}).encode()
@@ -386,6 +388,7 @@ def describe(served: Served, batcher) -> dict:
         accuracy = manifest.get("int8", {}).get("accuracy", accuracy)
     return {"model": options.model, "runtime": served.model.description, "input": manifest["input"],
             "output": manifest["output"], "classes": manifest["classes"], "test_accuracy": accuracy,
+            "temperature": manifest_lib.temperature(manifest),
             "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()},
             "batching": {"on": options.batching, "max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
                          "max_queue": options.max_queue, "model_runs": batcher.batches},

@@ -9,8 +9,8 @@ JSON ``data`` or as raw little-endian bytes after the JSON header.
 The model's input is the tensor of its manifest: ``FP32 [-1, 1, 28, 28]``,
 pixels already scaled as the manifest says (pixel / 255), white digit on
 black. ``UINT8`` pixels 0..255 of the same shape are accepted too and scaled
-here. Outputs: ``logits`` and ``probabilities`` (softmax of the logits), both
-``FP32 [-1, 10]``.
+here. Outputs: ``logits`` and ``probabilities`` (the calibrated softmax of the
+logits, as every consumer of the model computes it), both ``FP32 [-1, 10]``.
 
 Spec: https://github.com/kserve/open-inference-protocol (inference_rest.md);
 binary tensors: Triton's protocol/extension_binary_data.md.
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from ..inference import manifest as manifest_lib
-from ..scores import softmax
 from .errors import BadRequest
 
 PROTOCOL_VERSION = "2"
@@ -167,9 +166,9 @@ def requested_outputs(request: dict) -> list:
     return chosen
 
 
-def encode_infer(model_name: str, request: InferRequest, logits: np.ndarray) -> tuple:
+def encode_infer(model_name: str, request: InferRequest, logits: np.ndarray, probabilities: np.ndarray) -> tuple:
     """(body bytes, JSON header length or None): JSON alone, or JSON followed by the binary outputs."""
-    tensors = {"logits": logits, "probabilities": softmax(logits)}
+    tensors = {"logits": logits, "probabilities": probabilities}
     described, blobs = [], []
     for name, binary in request.outputs:
         values = np.ascontiguousarray(tensors[name], dtype="<f4")
