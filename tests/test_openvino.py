@@ -78,6 +78,17 @@ def test_auto_follows_the_benchmark_beside_the_model(exported_model, tmp_path):
     assert runtimes.choose_runtime(folder / "model.onnx", "auto", 256)[0] == "openvino"  # 1024 is nearer than 1
 
 
+def test_auto_without_a_benchmark_follows_what_was_measured_on_each_cpu(exported_model, monkeypatch):
+    fp32, int8 = exported_model / "model.onnx", exported_model / "model.int8.onnx"
+    assert not (exported_model / "bench.json").exists()
+    monkeypatch.setattr(runtimes.sysinfo, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert [runtimes.choose_runtime(m, "auto", b)[0] for m, b in [(fp32, 1), (fp32, 256), (int8, 1), (int8, 256)]] \
+        == ["onnxruntime", "onnxruntime", "onnxruntime", "openvino"]
+    monkeypatch.setattr(runtimes.sysinfo, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    chosen = [runtimes.choose_runtime(m, "auto", b)[0] for m, b in [(fp32, 1), (fp32, 256)]]
+    assert chosen == ["onnxruntime", "openvino"]
+
+
 def test_a_missing_openvino_is_one_error_line(exported_model, tmp_path):
     shadow = tmp_path / "shadow" / "openvino"  # an openvino that fails to import, as a broken or absent install
     shadow.mkdir(parents=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import extras
+from .. import extras, sysinfo
 from ..errors import UserError, one_line
 from ..sysinfo import native_cpu_bf16
 
@@ -69,8 +69,7 @@ def choose_runtime(path, requested: str, batch: int, device: str = "cpu") -> tup
     file (bf16 is never chosen for the user: it changes the numbers); on a GPU process, onnxruntime.
 
     The rule: the model folder's bench.json (written by `mnist-dist bench` on this machine) names the faster of
-    the two at the measured batch size closest to ``batch``; without one, OpenVINO from AUTO_OPENVINO_FROM images
-    per batch, where it measured faster, and onnxruntime below, where it answered single images sooner.
+    the two at the measured batch size closest to ``batch``; without one, see ``openvino_by_default``.
     """
     if requested != "auto":
         return requested, ""
@@ -79,7 +78,16 @@ def choose_runtime(path, requested: str, batch: int, device: str = "cpu") -> tup
     measured = fastest_in_bench(Path(path), batch)
     if measured:
         return measured
-    return ("openvino" if batch >= AUTO_OPENVINO_FROM else "onnxruntime"), f"auto: batch {batch}"
+    return ("openvino" if openvino_by_default(Path(path), batch) else "onnxruntime"), f"auto: batch {batch}"
+
+
+def openvino_by_default(path: Path, batch: int) -> bool:
+    """Where nothing was measured beside the model: OpenVINO from AUTO_OPENVINO_FROM images per batch for INT8
+    files, and for fp32 ones on AVX-512 CPUs; onnxruntime otherwise. Measured (benchmarks/inference-*.json):
+    below that batch onnxruntime answers sooner everywhere; above it OpenVINO ran INT8 1.5-1.8x faster than
+    onnxruntime on AVX2 and AVX-512 CPUs alike, and fp32 1.2-1.5x faster with AVX-512 but 0.7-0.8x without."""
+    int8 = ".int8." in path.name
+    return batch >= AUTO_OPENVINO_FROM and (int8 or "avx512f" in sysinfo.cpu_flags())
 
 
 def fastest_in_bench(path: Path, batch: int):
