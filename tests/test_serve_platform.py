@@ -7,7 +7,6 @@ import io
 import json
 import re
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_dist.bench.serve import peak_rss_mb
 from mnist_dist.data import mnist
+from mnist_dist.inference import predict
 from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
 
-from conftest import ROOT, calibrated_softmax, run, start_server
+from conftest import calibrated_softmax, start_server
 
 INFER = "v2/models/mnist/infer"
 
@@ -86,7 +86,7 @@ def test_tritons_own_client_gets_what_onnxruntime_gives(server, exported_model, 
 
 
 def test_every_consumer_gives_the_same_calibrated_probabilities(server, exported_model, test_images, tmp_path):
-    """The Open Inference Protocol, /v1 (which the drawing page shows) and the predict job, against onnxruntime's
+    """The Open Inference Protocol, /v1 (which the drawing page shows) and predict's rows, against onnxruntime's
     logits divided by the manifest's temperature, here."""
     import onnxruntime as ort
 
@@ -102,9 +102,7 @@ def test_every_consumer_gives_the_same_calibrated_probabilities(server, exported
     oip = np.array(httpx.post(url + INFER, json=infer).json()["outputs"][0]["data"]).reshape(20, 10)
     v1 = httpx.post(url + "v1/predict?invert=no", json={"images": pixels.tolist()}).json()["results"]
     np.save(tmp_path / "digits.npy", pixels)
-    run([sys.executable, ROOT / "jobs/predict.py", tmp_path / "digits.npy", "--model", exported_model / "model.onnx",
-         "--invert", "no", "--out", tmp_path / "rows.json"])
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    rows, _ = predict.predict([tmp_path / "digits.npy"], exported_model / "model.onnx", "no", show_progress=False)
     assert np.abs(oip - expected).max() < 1e-6  # FP32 on the wire
     assert np.abs(np.array([r["probabilities"] for r in v1]) - expected).max() < 1e-6
     assert np.abs(np.array([r["confidence"] for r in rows]) - expected.max(1)).max() < 1e-6

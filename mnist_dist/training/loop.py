@@ -164,7 +164,8 @@ def describe_setup(accelerator, cfg, setup: Setup, model, train_set, test_set) -
         f"{cfg.batch_size * accelerator.num_processes}")
     schedule = f"onecycle (warm-up {cfg.warmup:g})" if cfg.schedule == "onecycle" else cfg.schedule
     ema = f"EMA {cfg.ema:g}" if cfg.ema else "EMA off"
-    say(f"Recipe ({cfg.preset}): {cfg.epochs} epochs, Adam lr {cfg.lr:g} {schedule}, label smoothing "
+    epochs = f"{cfg.epochs} epoch" + ("s" if cfg.epochs != 1 else "")
+    say(f"Recipe ({cfg.preset}): {epochs}, Adam lr {cfg.lr:g} {schedule}, label smoothing "
         f"{cfg.label_smoothing:g}, augmentation {'on' if cfg.augment else 'off'}, {ema}, "
         f"channels_last {'on' if cfg.channels_last else 'off'}, seed {cfg.seed}")
     if setup.trackers:
