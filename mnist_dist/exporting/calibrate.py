@@ -31,14 +31,13 @@ def fit_images(contract: dict, data_dir=None, download: bool = True) -> tuple:
     return manifest_lib.model_input(chosen, contract), labels.numpy()[FIT_IMAGES]
 
 
-def calibrate(runner, contract: dict, test_images: np.ndarray, test_labels: np.ndarray, data_dir=None,
+def calibrate(runner, contract: dict, test_logits: np.ndarray, test_labels: np.ndarray, data_dir=None,
               download: bool = True) -> dict:
-    """The manifest's ``calibration``: the temperature fitted on FIT_IMAGES, and the test set's calibration
-    before and after it (the same predictions either way)."""
+    """The manifest's ``calibration``: the temperature fitted on FIT_IMAGES through ``runner``, and the test set's
+    calibration (from the same model's ``test_logits``) before and after it: the same predictions either way."""
     images, labels = fit_images(contract, data_dir, download)
     fit_logits = runtimes.run_batched(runner, images, 1000)
     temperature = fit_temperature(fit_logits, labels)
-    test_logits = runtimes.run_batched(runner, test_images, 1000)
     return {
         "method": "temperature scaling: probabilities = softmax(logits / temperature)",
         "temperature": temperature,

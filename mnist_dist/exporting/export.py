@@ -107,7 +107,7 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
         results = validate_artifacts(staging, draft, images, labels)
         log("Fitting the temperature that calibrates the probabilities")
         eager = open_model(staging / manifest_lib.REFERENCE, manifest=draft)
-        calibration = calibrate(eager, contract, images, labels, data_dir, download)
+        calibration = calibrate(eager, contract, results[0]["logits"], labels, data_dir, download)
         manifest = {**with_validation(draft, results), "calibration": calibration}
         atomic.write_json(staging / manifest_lib.MANIFEST, manifest)
         publish(staging, out_dir)
