@@ -363,7 +363,8 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
               show_default=True,
               help="For ONNX models. auto: the faster of onnxruntime and OpenVINO for --batch-size on this machine "
-                   "(from bench.json beside the model, else OpenVINO from batches of 64); never bf16 unless asked; "
+                   "(from bench.json beside the model, else OpenVINO from batches of 64 for INT8 models, and for fp32 "
+                   "ones on AVX-512 CPUs); never bf16 unless asked; "
                    "onnxruntime on a GPU. openvino-bf16 needs a CPU with native bf16.")
 @threads_option
 @click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")

@@ -270,3 +270,20 @@ def test_invert_from_the_command_line_applies_to_arrays_too(exported_model, test
     truth = [int(labels[i]) for i in picked]
     assert predicted["auto"] == predicted["no"] == truth  # MNIST rows are already white on black
     assert sum(p != t for p, t in zip(predicted["yes"], truth)) >= 6  # black on white is not what it learnt
+
+
+def test_csv_streams_to_stdout_with_one_header_across_chunks(exported_model, test_digits, tmp_path):
+    from click.testing import CliRunner
+
+    from mnist_dist.cli import main
+
+    pixels, labels = test_digits
+    np.save(tmp_path / "digits.npy", pixels[:200])
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "digits.npy"), "--model",
+                                       str(exported_model / "model.onnx"), "--chunk-size", "64"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()  # 200 rows in chunks of 64: four pieces written as they come
+    assert lines[0] == "input,prediction,confidence,top3,error" and lines.count(lines[0]) == 1
+    rows = list(csv.DictReader(lines))
+    assert [r["input"].rsplit("#", 1)[1] for r in rows] == [str(i) for i in range(200)]
+    assert np.mean([int(r["prediction"]) == label for r, label in zip(rows, labels)]) > 0.95
