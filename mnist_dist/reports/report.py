@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..inference import manifest as manifest_lib
 from ..inference import runtimes
 from ..inference.models import open_model
-from ..scores import before_and_after, reliability
+from ..scores import before_and_after, reliability, softmax
 from . import plots
 
 CURVES = "curves.png"
@@ -65,7 +65,7 @@ def draw_calibration(logits, labels, manifest: dict, path) -> dict:
     """calibration.png, and the test set's calibration without and with the manifest's temperature."""
     temperature = manifest_lib.temperature(manifest)
     summary = before_and_after(logits, labels, temperature)
-    curves = {"softmax(logits)": {"bins": reliability(manifest_lib.probabilities(logits, {}), labels),
+    curves = {"softmax(logits)": {"bins": reliability(softmax(logits), labels),
                                   "ece": summary["before"]["ece"]}}
     if "calibration" in manifest:
         curves[f"softmax(logits / {temperature:.3f})"] = {
