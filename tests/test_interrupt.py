@@ -87,7 +87,7 @@ def test_training_dies_with_its_killed_launcher_and_resumes_bitwise(straight_run
         if in_epoch_2 and line.startswith("loss:"):
             break
     gone_after, stderr = stop_launcher(proc, signal.SIGKILL)
-    assert gone_after < 3, f"workers took {gone_after:.1f} s to end"
+    assert gone_after < 8, f"workers took {gone_after:.1f} s to end"  # a loaded 2-core machine took 3.6 s once
     assert proc.returncode != 0
     # The kernel's signal for a dead parent, as the workers asked for it.
     assert "Interrupted by SIGTERM: the finished epochs are kept in" in stderr and "--resume latest" in stderr
@@ -141,7 +141,7 @@ def test_predict_stops_with_its_launcher_and_resumes_byte_for_byte(exported_mode
     parts = tmp_path / ".preds.csv.parts"
     wait_for(lambda: parts.is_dir() and len(list(parts.glob("*.part"))) >= 4)
     gone_after, stderr = stop_launcher(proc, how)
-    assert gone_after < 3, f"workers took {gone_after:.1f} s to end"
+    assert gone_after < 8, f"workers took {gone_after:.1f} s to end"  # a loaded 2-core machine took 3.6 s once
     assert proc.returncode != 0 and not out.exists()
     # torchrun hands its own signal on to the workers; a dead launcher's workers get SIGTERM from the kernel.
     received = signal.SIGTERM if how == signal.SIGKILL else how
