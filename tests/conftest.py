@@ -5,6 +5,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,21 @@ def run(args, timeout=600, env=None, check=True, cwd=ROOT) -> subprocess.Complet
     return proc
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def root_cause_exit_code(launcher_stderr: str) -> int:
+    """The exit code of the first process that failed, from torchrun's failure report: the launcher itself exits 1
+    whatever its processes' codes were."""
+    found = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", launcher_stderr, re.S)
+    assert found, launcher_stderr[-3000:]
+    return int(found.group(1))
+
+
 def sigkill_when(args, should_kill) -> int:
     """Start a command, SIGKILL it at the first stdout line for which should_kill(line) is true; return its exit
     code."""
@@ -68,6 +84,18 @@ def train_job(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def accelerate_launch(*args, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "accelerate.commands.launch", *args], **kwargs)
+
+
+def launch_cmd(script: str, *args, processes: int = 2) -> list:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", processes,
+            "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def file_hashes(folder: Path) -> dict:

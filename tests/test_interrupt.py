@@ -15,28 +15,16 @@ from mnist_dist.atomic import read_jsonl
 from mnist_dist.data import mnist
 from mnist_dist.training import checkpoint
 
-from conftest import ROOT, cpu_env, run
+from conftest import ROOT, cpu_env, launch_cmd, run, wait_for
 
 # The default recipe (one-cycle: the schedule's state must resume too), short.
 TRAIN = ["--epochs", 2, "--limit-batches", 40, "--log-every", 10]
 PREDICT_CHUNK = ["--chunk-size", 250]
 
 
-def launch_cmd(script: str, *args, processes: int = 2) -> list:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", processes,
-            "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
-
-
 def start(cmd: list) -> subprocess.Popen:
     return subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=cpu_env(ACCELERATE_USE_CPU="1"), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for(condition, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def stop_launcher(proc: subprocess.Popen, how: signal.Signals) -> tuple:

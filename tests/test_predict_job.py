@@ -3,14 +3,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from mnist_dist.data import mnist
 
-from conftest import ROOT, accelerate_launch, cpu_env, run, write_test_pngs
+from conftest import ROOT, accelerate_launch, cpu_env, run, wait_for, write_test_pngs
 
 TWO_PROCESSES = ["--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
                  "--dynamo_backend", "no"]
@@ -61,13 +60,6 @@ def test_summary_names_processes_runtimes_and_end_to_end_rate(exported_model, di
     assert "process 0: onnxruntime CPUExecutionProvider, 1 thread" in summary[0] and "process 1:" in summary[0]
     rows = json.loads((tmp_path / "p.json").read_text())  # the JSON array, whole
     assert len(rows) == 32 and sum(1 for r in rows if r["error"]) == 1
-
-
-def wait_for(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_file(exported_model, tmp_path):

@@ -139,12 +139,6 @@ def test_model_and_health_endpoints(client, exported_model):
     assert "http" not in re.sub(r"https?://(127\.0\.0\.1|localhost)", "", client.get("/static/app.js").text)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(exported_model):
     """A real server on loopback, started as users start it; yields its base URL."""
