@@ -1,5 +1,6 @@
 """The ``mnist-dist`` command group. Each command is a thin shell over a library module."""
 import functools
+import json
 import sys
 
 import click
@@ -345,8 +346,9 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--model", "model_path", required=True, type=click.Path(),
               help="model.onnx, model.int8.onnx, model.ts or model.pt2; its manifest.json must sit beside it.")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="preds.csv or preds.json (default: CSV on stdout; required with several processes).")
+@click.option("--out",
+              help="Where the rows go, by extension: .csv, .json, .jsonl or .parquet; a path or a URL (s3://, gs://, "
+                   "az://, file://). - or none: CSV on standard output (one process only).")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Make digits white on black: yes/no for every input, arrays included; auto inverts each image "
                    "or array row whose border is light.")
@@ -366,12 +368,16 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
                    "(from bench.json beside the model, else OpenVINO from batches of 64 for INT8 models, and for fp32 "
                    "ones on AVX-512 CPUs); never bf16 unless asked; "
                    "onnxruntime on a GPU. openvino-bf16 needs a CPU with native bf16.")
+@click.option("--storage-options", "storage_options", default="{}", metavar="JSON",
+              help='Options for the storage of URL inputs and --out, beyond what its library reads from the '
+                   'environment (for S3: AWS_* variables and ~/.aws), e.g. \'{"anon": true}\'.')
 @threads_option
 @click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")
 @friendly_errors
-def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_size, summary_path, runtime, threads,
-            cpu):
-    """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files.
+def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_size, summary_path, runtime,
+            storage_options, threads, cpu):
+    """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files, as paths or URLs
+    (s3://bucket/scans/, 's3://bucket/scans/**/*.png', gs://..., https://.../digits.npy).
 
     Runs under `accelerate launch` over any number of processes or machines: each labels its own
     contiguous share, and the main process writes one --out in input order. Exit code 2 when any
@@ -382,17 +388,27 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
     if summary_path:
         atomic.check_output_file(summary_path, "--summary")
     options = JobOptions(inputs, model_path, out, invert, batch_size, resume, workers, threads, cpu, chunk_size,
-                         runtime)
-    hint = (f"the finished chunks are kept beside {out}; continue with the same command and --resume" if out else
-            "nothing was written; run it again")
+                         runtime, storage_options=parse_storage_options(storage_options))
+    hint = (f"the finished chunks are kept beside {out}; continue with the same command and --resume"
+            if out not in (None, "-") else "nothing was written; run it again")
     with interruptible(hint):
         summary = run_job(options, echo=click.echo)
     if launched_rank() == 0:
-        click.echo(describe(summary, out), err=True)
+        click.echo(describe(summary, None if out == "-" else out), err=True)
         if summary_path:
             atomic.write_json(summary_path, summary)
     if summary["failed"]:
         raise SystemExit(2)
+
+
+def parse_storage_options(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--storage-options is not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise UserError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
 
 
 @main.command()

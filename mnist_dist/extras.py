@@ -15,6 +15,12 @@ EXTRAS = {
     "train": ("torch", "torchvision", "accelerate", "onnx", "onnxscript", "matplotlib"),
     "serve": ("fastapi", "uvicorn", "multipart"),
     "openvino": ("openvino",),
+    "parquet": ("pyarrow",),
+    # Storage: predict's inputs and --out as URLs (fsspec, in the base install, names these packages itself).
+    "s3": ("s3fs",),
+    "gcs": ("gcsfs",),
+    "azure": ("adlfs",),
+    "http": ("aiohttp",),
 }
 
 

@@ -321,6 +321,28 @@ def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def agree(accelerator, prepare) -> list:
+    """Run ``prepare`` on every process and return every process's result, in rank order.
+
+    If it raises a UserError on any process, every process raises one (the main process's error, else the
+    first other process's, named by rank): all stop together, before any of them starts work that would
+    leave the others waiting at a collective until it times out."""
+    result, error = None, None
+    try:
+        result = prepare()
+    except UserError as e:
+        error = str(e)
+    every = [(error, result)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        every = gather_object(every)
+    for rank, (failure, _) in enumerate(every):
+        if failure:
+            raise UserError(failure if rank == 0 else f"process {rank}: {failure}")
+    return [value for _, value in every]
+
+
 def on_main_process(accelerator, check) -> None:
     """Run ``check`` on the main process alone; a UserError it raises is raised on every process, so that all
     of them stop together instead of waiting for the main one at the next collective."""

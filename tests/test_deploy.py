@@ -112,6 +112,8 @@ def test_serve_imports_no_training_stack(exported_model, pngs):
     (["serve", "--model-dir", "MODEL"], ["fastapi"], "serve"),
     (["predict", "PNGS", "--model", "MODEL/model.ts"], ["torch"], "train"),
     (["predict", "PNGS", "--model", "MODEL/model.onnx", "--runtime", "openvino"], ["openvino"], "openvino"),
+    (["predict", "s3://bucket/scans/", "--model", "MODEL/model.onnx"], ["s3fs"], "s3"),
+    (["predict", "PNGS", "--model", "MODEL/model.onnx", "--out", "preds.parquet"], ["pyarrow"], "parquet"),
 ])
 def test_a_missing_extra_is_one_line_naming_it(exported_model, pngs, tmp_path, args, blocked, extra):
     args = [str(a).replace("MODEL", str(exported_model)).replace("PNGS", str(pngs)) for a in args]
@@ -186,7 +188,8 @@ LAYERS = [
 # The torch-free bottom: importing these loads no part of the training stack.
 TORCH_FREE = ["errors", "extras", "atomic", "locks", "scores", "sysinfo", "launch", "data.idx", "inference.manifest",
               "inference.runtimes", "inference.models", "inference.images", "inference.inputs", "inference.outputs",
-              "inference.chunks", "inference.predict", "serving.app", "serving.batching", "serving.server", "cli"]
+              "inference.chunks", "inference.storage", "inference.predict", "serving.app", "serving.batching",
+              "serving.server", "cli"]
 
 
 def mnist_dist_imports(path: Path) -> set:

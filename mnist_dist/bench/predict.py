@@ -13,10 +13,12 @@ its processes.
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,11 @@ from PIL import Image, ImageFilter
 from .. import sysinfo
 from ..data import mnist
 
-SETS = {"pngs": 20_000, "jpegs": 2_000, "npy": 1_000_000, "pngs1k": 1_000}
-QUICK_SETS = {"pngs": 200, "jpegs": 20, "npy": 10_000, "pngs1k": 100}  # a smoke run of the same code
+SETS = {"pngs": 20_000, "jpegs": 2_000, "npy": 1_000_000, "pngs1k": 1_000, "pngs@s3": 20_000, "npy@s3": 1_000_000}
+QUICK_SETS = {"pngs": 200, "jpegs": 20, "npy": 10_000, "pngs1k": 100, "pngs@s3": 50, "npy@s3": 10_000}  # smoke runs
+DEFAULT_SETS = ("pngs", "jpegs", "npy", "pngs1k")
+IN_S3 = "@s3"  # a set read from an S3-compatible server on loopback (moto), the same files as its local twin
+BUCKET = "bench"
 PHOTO = (1024, 768)
 OLDEST_BASELINE = "the previous `predict` (one process, no decode threads, arrays loaded whole)"
 RSS_PROBE = ("import json, resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
@@ -34,11 +39,15 @@ RSS_PROBE = ("import json, resource, subprocess, sys; code = subprocess.run(sys.
              " file=sys.stderr)")
 
 
-def make_sets(folder: Path, sizes: dict) -> dict:
-    """(inputs path, true labels) per set, written once into ``folder`` and reused."""
+def make_sets(folder: Path, sizes: dict, s3=None) -> dict:
+    """(inputs path or URL, true labels) per set, written once into ``folder`` and reused; the sets named with
+    IN_S3 are uploaded to the ``s3`` file system's bucket too."""
     images, labels = (t.numpy() for t in mnist.load_split("test"))
     made = {}
     for name, n in sizes.items():
+        if name.endswith(IN_S3):
+            made[name] = upload(make_sets(folder, {name[: -len(IN_S3)]: n})[name[: -len(IN_S3)]], s3)
+            continue
         target = folder / f"{name}-{n}"
         truth = labels[np.arange(n) % len(labels)]
         if name == "npy":
@@ -57,6 +66,58 @@ def make_sets(folder: Path, sizes: dict) -> dict:
             (target / "done").write_text("")
         made[name] = (target, truth)
     return made
+
+
+def upload(local_set: tuple, s3) -> tuple:
+    """The same set in the bucket: (its URL, its labels)."""
+    path, truth = local_set
+    key = f"{BUCKET}/{path.name}"
+    if path.is_dir():
+        s3.put([str(p) for p in sorted(path.glob("*.png"))], f"{key}/")
+    else:
+        s3.put_file(str(path), key)
+    return f"s3://{key}" + ("/" if path.is_dir() else ""), truth
+
+
+@contextmanager
+def s3_server():
+    """moto's S3 server on a loopback port, in a process of its own; yields (its process, an s3fs file system).
+    The AWS_* variables point every command started meanwhile at it."""
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = dict(os.environ)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto's server did not start")
+            time.sleep(0.1)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield server, fs
+    finally:
+        server.kill()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def write_big_array(path: Path, images: np.ndarray, n: int, block: int = 50_000) -> None:
@@ -119,8 +180,19 @@ def accuracy(csv_path: Path, truth: np.ndarray) -> float:
 
 def benchmark(model, predict_script, work_dir, sizes: dict, processes, baseline_src=None, log=print,
               repeats: int = 2, baseline_note: str = "") -> dict:
-    work_dir = Path(work_dir)
-    sets = make_sets(work_dir, sizes)
+    """Every set under every variant; the S3 sets with moto's server running (its CPU time recorded per run)."""
+    if not any(name.endswith(IN_S3) for name in sizes):
+        return run_benchmark(model, predict_script, Path(work_dir), sizes, processes, baseline_src, log, repeats,
+                             baseline_note)
+    with s3_server() as (server, s3):
+        log("uploading the S3 sets to moto's server")
+        return run_benchmark(model, predict_script, Path(work_dir), sizes, processes, baseline_src, log, repeats,
+                             baseline_note, server, s3)
+
+
+def run_benchmark(model, predict_script, work_dir: Path, sizes: dict, processes, baseline_src, log, repeats,
+                  baseline_note, server=None, s3=None) -> dict:
+    sets = make_sets(work_dir, sizes, s3)
     single = work_dir / "one.png"
     Image.fromarray(mnist.load_split("test")[0][0].numpy()).save(single)
     results = []
@@ -132,19 +204,31 @@ def benchmark(model, predict_script, work_dir, sizes: dict, processes, baseline_
             for set_name, (inputs, truth) in sets.items():
                 log(f"{name}: {set_name}")
                 out = Path(tmp) / f"{set_name}.csv"
+                server_before = cpu_seconds(server.pid) if server else 0.0
                 wall, code, rss = min(timed([*cmd, inputs, "--out", out], env, cwd) for _ in range(repeats))
                 results.append({"variant": name, "set": set_name, "inputs": len(truth), "wall_s": wall,
                                 "startup_s": startup, "images_per_s": len(truth) / max(wall - startup, 1e-9),
                                 "peak_rss_mb": rss, "accuracy": accuracy(out, truth), "exit_code": code})
+                if server and set_name.endswith(IN_S3):  # what the S3 server itself spent, over all repeats
+                    results[-1]["server_cpu_s_per_run"] = (cpu_seconds(server.pid) - server_before) / repeats
                 log(f"  {results[-1]['images_per_s']:.0f} images/s, peak {rss:.0f} MB, "
                     f"accuracy {100 * results[-1]['accuracy']:.2f}%")
     return {"benchmark": "predict", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
-            "versions": sysinfo.versions("torch", "onnxruntime", "numpy", "pillow", "accelerate"),
+            "versions": sysinfo.versions("torch", "onnxruntime", "numpy", "pillow", "accelerate", "fsspec", "s3fs",
+                                         "moto"),
             "settings": {"model": str(model), "sets": sizes, "processes": processes,
                          "baseline": str(baseline_src) if baseline_src else None, "baseline_note": baseline_note,
                          "end_to_end": "wall time less the same command's start-up on one image; the faster of "
                                        f"{repeats} runs, the fastest of 3 start-ups"},
-            "results": results, "speedups": speedups(results)}
+            "results": results, "speedups": speedups(results), "s3_vs_local": s3_vs_local(results)}
+
+
+def s3_vs_local(results: list) -> list:
+    """images/s of each S3 set over its local twin's, per variant."""
+    local = {(r["variant"], r["set"]): r for r in results}
+    return [{"variant": r["variant"], "set": r["set"],
+             "ratio": r["images_per_s"] / local[r["variant"], r["set"][: -len(IN_S3)]]["images_per_s"]}
+            for r in results if r["set"].endswith(IN_S3) and (r["variant"], r["set"][: -len(IN_S3)]) in local]
 
 
 def speedups(results: list) -> list:
@@ -173,4 +257,24 @@ def readme_table(reports: list) -> str:
         lines += [f"**{m['cpu']} ({m.get('cpu_capability', '?')}), {m['cores']} cores**, from {report['_source']}; "
                   f"baseline: {report['settings'].get('baseline_note') or OLDEST_BASELINE}:", "",
                   format_table(report), ""]
+    return "\n".join(lines).rstrip()
+
+
+def s3_table(reports: list) -> str:
+    """The S3 sets beside their local twins: images/s end to end, the ratio, the server's CPU time, peak memory."""
+    lines = []
+    for report in reports:
+        m = report["machine"]
+        rows = {(r["variant"], r["set"]): r for r in report["results"]}
+        lines += [f"**{m['cpu']} ({m.get('cpu_capability', '?')}), {m['cores']} cores**, from {report['_source']}; "
+                  f"moto {report['versions'].get('moto', '?')}, s3fs {report['versions'].get('s3fs', '?')}:", "",
+                  "| set | variant | local disk, images/s | S3 on loopback, images/s | S3 / local | S3 server CPU "
+                  "per run | peak RSS per process (S3) |", "|---|---|---|---|---|---|---|"]
+        for ratio in report["s3_vs_local"]:
+            remote = rows[ratio["variant"], ratio["set"]]
+            local = rows[ratio["variant"], ratio["set"][: -len(IN_S3)]]
+            lines.append(f"| {local['set']} ({local['inputs']:,}) | {ratio['variant']} | "
+                         f"{local['images_per_s']:,.0f} | {remote['images_per_s']:,.0f} | {ratio['ratio']:.2f}x | "
+                         f"{remote.get('server_cpu_s_per_run', 0):.0f} s | {remote['peak_rss_mb']:,.0f} MB |")
+        lines.append("")
     return "\n".join(lines).rstrip()

@@ -1,25 +1,33 @@
-"""Users' inputs, enumerated once in a fixed order and read a range at a time.
+"""Users' inputs, enumerated once in a fixed order and read a range at a time, wherever they live.
 
-Every input gets a global index: files in argument order (folders searched
-recursively, sorted), and array rows (.npy, IDX) one index each, in row order.
-Any process can then read any contiguous range of indices without reading the
-rest: arrays are memory-mapped, images decoded only when their range is read.
+Every input gets a global index: files in argument order (folders, prefixes and
+globs searched recursively, sorted by name), and array rows (.npy, IDX) one index
+each, in row order. Any process can then read any contiguous range of indices
+without reading the rest: array rows are read by byte ranges (a header, then the
+rows a range needs; never a whole file), images fetched many at a time and decoded
+only when their range is read. Local paths and URLs (s3://, gs://, ...) take the
+same code path; see ``storage``.
 """
+from __future__ import annotations
+
 import bisect
 import hashlib
+import io
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from stat import S_ISREG
-from typing import Optional
 
 import numpy as np
 
 from ..data import idx
 from ..errors import UserError, one_line
+from . import storage
 from .images import MAX_PIXELS, BadImage, light_background, open_grayscale, to_mnist
+from .storage import Place
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+ARRAY_SUFFIXES = (".npy", ".idx")
+NPY_HEAD = 4096  # bytes read first from a .npy file: every header np.save writes for a plain array fits
 
 
 @dataclass(frozen=True)
@@ -32,17 +40,32 @@ class Framing:
 
 
 @dataclass(frozen=True)
+class ArrayLayout:
+    """Where an array file's rows lie: the header's length, the values' type, the number of rows."""
+
+    offset: int
+    dtype: np.dtype
+    rows: int
+    row_values: int
+
+    def row_range(self, first: int, last: int) -> tuple:
+        row_bytes = self.row_values * self.dtype.itemsize
+        return self.offset + first * row_bytes, self.offset + last * row_bytes
+
+
+@dataclass(frozen=True)
 class Source:
     """One input file and the indices it holds: an image (1), an array (its rows), or a file that failed (1)."""
 
-    path: Path
+    place: Place
     kind: str  # "image", "array" or "failed"
     count: int
     error: str = ""
-    stamp: str = ""  # size and modification time, read once when the inputs are enumerated
+    stamp: str = ""  # size and version (ETag or modification time), read once when the inputs are enumerated
+    layout: ArrayLayout | None = None
 
     def name(self, row: int) -> str:
-        return f"{self.path}#{row}" if self.kind == "array" else str(self.path)
+        return f"{self.place.name}#{row}" if self.kind == "array" else self.place.name
 
 
 @dataclass
@@ -51,56 +74,104 @@ class Item:
 
     index: int
     name: str
-    pixels: Optional[np.ndarray] = None
+    pixels: np.ndarray | None = None
     error: str = ""
 
 
-def is_candidate(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES | {".npy", ".idx"} or path.name.endswith("-ubyte")
+def is_candidate(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES + ARRAY_SUFFIXES) or is_array(name)
 
 
-def is_array(path: Path) -> bool:
-    return path.suffix.lower() in (".npy", ".idx") or path.name.endswith("-ubyte")
+def is_array(name: str) -> bool:
+    return name.lower().endswith(ARRAY_SUFFIXES) or name.endswith("-ubyte")
 
 
-def expand(inputs) -> list:
-    """Files in argument order; folders searched recursively for images, .npy and IDX files, sorted."""
-    files = []
+def expand(inputs, options: dict | None = None) -> list:
+    """(place, info or None) of every file, in argument order; folders, prefixes and globs searched recursively
+    for images, .npy and IDX files, sorted by name (byte order, as object stores list them)."""
+    files: list = []
     for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if is_candidate(p) and p.is_file())
-            if not found:
-                raise UserError(f"{path} holds no images, .npy or IDX files")
-            files += found
-        else:
-            files.append(path)
+        place = storage.locate(raw, options)
+        try:
+            files += list_place(place)
+        except UserError:
+            raise
+        except Exception as e:  # a missing bucket, refused credentials, an unreachable endpoint
+            raise UserError(f"cannot list {place.name} ({storage.describe_error(e)})") from None
     if not files:
         raise UserError("no inputs: give image files, folders, .npy arrays or IDX files")
     return files
 
 
-def open_array(path: Path, size: tuple) -> np.ndarray:
-    """A .npy or IDX file as a memory-mapped [N, H, W] (or [N, 1, H, W]) array, checked against the model.
+def list_place(place: Place) -> list:
+    """(place, info) of the files that one argument names; info None for a file that does not exist."""
+    fs = place.fs
+    is_glob = any(c in place.path for c in storage.GLOB_CHARS) and not (place.is_local and fs.exists(place.path))
+    if is_glob:
+        found = fs.glob(place.path, detail=True)
+        if not found:
+            storage.check_bucket(place)
+            raise UserError(f"{place.name} matches no files")
+    else:
+        try:
+            info = fs.info(place.path)
+        except FileNotFoundError:
+            storage.check_bucket(place)
+            return [(place, None)]  # its own row says so; every other input is still labelled
+        if info["type"] != "directory":
+            return [(place, info)]
+        found = fs.find(place.path, detail=True)
+    files = sorted((path, info) for path, info in found.items() if info["type"] == "file" and is_candidate(path))
+    if not files:
+        raise UserError(f"{place.name} holds no images, .npy or IDX files")
+    return [(Place(fs, path, storage.found_name(place, path, is_glob)), info) for path, info in files]
+
+
+def array_layout(place: Place, size_bytes: int, size: tuple) -> ArrayLayout:
+    """Where the rows of a .npy or IDX file lie, from its header alone, checked against the model.
 
     A file that cannot be read is this input's own failure (BadImage); an array of the wrong shape or
     type is a mistake in the command, and a UserError.
     """
+    kind = ".npy" if place.path.lower().endswith(".npy") else "IDX"
     try:
-        if path.suffix.lower() == ".npy":
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if kind == ".npy":
+            shape, dtype, offset = npy_header(place, size_bytes)
         else:
-            array = idx.open_file(path)
+            _, shape, offset = idx.parse_header(storage.read_range(place, 0, min(size_bytes, 4 + 4 * 255)), size_bytes)
+            dtype = np.dtype(np.uint8)
     except (OSError, ValueError, EOFError) as e:  # idx.IdxError is a ValueError
-        kind = ".npy" if path.suffix.lower() == ".npy" else "IDX"
         raise BadImage(f"not a readable {kind} file ({one_line(e, 120)})") from e
-    shape = array.shape
     if not (len(shape) == 3 and shape[1:] == size) and not (len(shape) == 4 and shape[1:] == (1, *size)):
         expected = ",".join(map(str, size))
-        raise UserError(f"{path}: shape {shape}; expected (N,{expected}) or (N,1,{expected})")
-    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
-        raise UserError(f"{path}: dtype {array.dtype}; expected uint8, or float in [0, 1]")
-    return array
+        raise UserError(f"{place.name}: shape {shape}; expected (N,{expected}) or (N,1,{expected})")
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise UserError(f"{place.name}: dtype {dtype}; expected uint8, or float in [0, 1]")
+    return ArrayLayout(offset, dtype, shape[0], int(np.prod(size)))
+
+
+def npy_header(place: Place, size_bytes: int) -> tuple:
+    """(shape, dtype, data offset) of a .npy file, read from its first bytes."""
+    head = storage.read_range(place, 0, min(size_bytes, NPY_HEAD))
+    version = np.lib.format.read_magic(io.BytesIO(head))
+    length_at, length_format = (8, "<H") if version == (1, 0) else (8, "<I")
+    if len(head) < length_at + struct.calcsize(length_format):
+        raise ValueError("truncated header")
+    header_end = length_at + struct.calcsize(length_format) + struct.unpack_from(length_format, head, length_at)[0]
+    if header_end > len(head):  # a header longer than usual: read all of it
+        head = storage.read_range(place, 0, header_end)
+    f = io.BytesIO(head)
+    np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(f)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    if fortran_order and len(shape) > 1:
+        raise ValueError("its values are in Fortran order; save it with numpy.ascontiguousarray")
+    expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size_bytes < expected:
+        raise ValueError(f"truncated: {size_bytes} bytes, its header says {expected}")
+    return shape, dtype, f.tell()
 
 
 class InputIndex:
@@ -113,31 +184,14 @@ class InputIndex:
         self.total = self.starts[-1]
 
     @classmethod
-    def build(cls, inputs, framing: Framing) -> "InputIndex":
-        sources = []
-        for path in expand(inputs):
-            try:
-                stat = path.stat()
-            except OSError:
-                stat = None
-            if stat is None or not S_ISREG(stat.st_mode):
-                sources.append(Source(path, "failed", 1, "no such file"))
-                continue
-            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-            if is_array(path):
-                try:
-                    sources.append(Source(path, "array", len(open_array(path, framing.size)), stamp=stamp))
-                except BadImage as e:
-                    sources.append(Source(path, "failed", 1, str(e), stamp))
-            else:
-                sources.append(Source(path, "image", 1, stamp=stamp))
-        return cls(sources, framing)
+    def build(cls, inputs, framing: Framing, options: dict | None = None) -> InputIndex:
+        return cls([source_for(place, info, framing) for place, info in expand(inputs, options)], framing)
 
     def fingerprint(self) -> str:
-        """Names, sizes and modification times of every input: a resumed run must read the same inputs."""
+        """Names, sizes and versions of every input: a resumed run, and every process, must read the same ones."""
         digest = hashlib.sha256()
         for s in self.sources:
-            digest.update(f"{s.path}\0{s.kind}\0{s.count}\0{s.stamp}\n".encode())
+            digest.update(f"{s.place.name}\0{s.kind}\0{s.count}\0{s.stamp}\n".encode())
         return digest.hexdigest()
 
     def pieces(self, start: int, stop: int):
@@ -150,41 +204,65 @@ class InputIndex:
             start, s = end, s + 1
 
     def read(self, start: int, stop: int) -> list:
-        """The items [start, stop), in order, read in this thread."""
+        """The items [start, stop), in order, read in this thread; the images among them fetched all at once."""
+        pieces = list(self.pieces(start, stop))
+        images = [source.place for source, _, _, _ in pieces if source.kind == "image"]
+        fetched = iter(storage.fetch(images[0].fs, [p.path for p in images]) if images else [])
         items = []
-        for source, first, last, index in self.pieces(start, stop):
+        for source, first, last, index in pieces:
             if source.kind == "array":
                 items += self.read_rows(source, first, last, index)
             elif source.kind == "failed":
                 items.append(Item(index, source.name(0), error=source.error))
             else:
-                items.append(self.read_image(source, index))
+                items.append(self.decode(source, index, next(fetched)))
         return items
 
     def read_later(self, start: int, stop: int, pool: ThreadPoolExecutor, workers: int):
         """Start reading [start, stop) on ``pool``, in ``workers`` contiguous slices, and return a function that
-        waits for the items in order. The caller labels one range while the next decodes: the model and
-        libjpeg release the GIL, so decoding overlaps inference, and large JPEGs decode in parallel. One task
-        per slice, not per image: for small PNGs a future costs as much as the decoding."""
+        waits for the items in order. The caller labels one range while the next is fetched and decoded: the
+        model, libjpeg and network waits release the GIL, so reading overlaps inference. One task per slice, not
+        per image: for small PNGs a future costs as much as the decoding."""
         bounds = np.linspace(start, stop, max(1, min(workers, stop - start)) + 1).astype(int)
         futures = [pool.submit(self.read, a, b) for a, b in zip(bounds, bounds[1:])]
         return lambda: [item for future in futures for item in future.result()]
 
-    def read_image(self, source: Source, index: int) -> Item:
-        return image_item(index, source.name(0), source.path, self.framing)
+    def decode(self, source: Source, index: int, data) -> Item:
+        if isinstance(data, BaseException):
+            reason = "no such file" if isinstance(data, FileNotFoundError) else storage.describe_error(data)
+            return Item(index, source.name(0), error=f"unreadable ({reason})")
+        return image_item(index, source.name(0), io.BytesIO(data), self.framing)
 
     def read_rows(self, source: Source, first: int, last: int, index: int) -> list:
-        array = open_array(source.path, self.framing.size)
+        layout = source.layout
+        assert layout is not None
         try:
-            rows = np.asarray(array[first:last], dtype=np.float32).reshape(last - first, *self.framing.size)
-        except (OSError, ValueError) as e:  # a file that shrank after it was opened
-            return [Item(index + i, source.name(first + i), error=f"unreadable ({e})") for i in range(last - first)]
-        if array.dtype != np.uint8:
+            data = storage.read_range(source.place, *layout.row_range(first, last))
+            rows = np.frombuffer(data, layout.dtype, count=(last - first) * layout.row_values)
+            rows = rows.astype(np.float32).reshape(last - first, *self.framing.size)
+        except Exception as e:  # a file that shrank or vanished after it was listed
+            return [Item(index + i, source.name(first + i), error=f"unreadable ({storage.describe_error(e)})")
+                    for i in range(last - first)]
+        if layout.dtype != np.uint8:
             rows = rows * 255
         bad = ~np.isfinite(rows).all(axis=(1, 2)) | (rows.min(axis=(1, 2)) < 0) | (rows.max(axis=(1, 2)) > 255)
         rows = polarity(rows, self.framing.invert)
         return [Item(index + i, source.name(first + i), error="values outside [0, 1]" if bad[i] else "",
                      pixels=None if bad[i] else rows[i]) for i in range(last - first)]
+
+
+def source_for(place: Place, info: dict | None, framing: Framing) -> Source:
+    """The Source of one listed file: an image, an array (its header read), or a failure of its own."""
+    if info is None or info.get("type") != "file":
+        return Source(place, "failed", 1, "no such file")
+    stamp = storage.stamp(info)
+    if not is_array(place.path):
+        return Source(place, "image", 1, stamp=stamp)
+    try:
+        layout = array_layout(place, int(info["size"]), framing.size)
+    except BadImage as e:
+        return Source(place, "failed", 1, str(e), stamp)
+    return Source(place, "array", layout.rows, stamp=stamp, layout=layout)
 
 
 def image_item(index: int, name: str, image, framing: Framing, max_pixels: int = MAX_PIXELS) -> Item:

@@ -1,12 +1,16 @@
-"""predict's output: one row per input, as CSV or a JSON array written piece by piece."""
+"""predict's output: one row per input, as CSV, a JSON array, JSON lines or Parquet, written piece by piece."""
+from __future__ import annotations
+
 import csv
 import io
 import json
 import textwrap
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import numpy as np
 
+from .. import extras
+from ..errors import UserError
 from . import manifest as manifest_lib
 from .inputs import Item
 
@@ -38,32 +42,94 @@ def make_row(item: Item, top_classes: list, top_scores: list) -> dict:
             "top3": [[c, p] for c, p in zip(top_classes, top_scores)], "error": ""}
 
 
+FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+
+
 class Format:
-    """CSV, or a JSON array (--out *.json), written piece by piece: the same bytes however it is split."""
+    """predict's output, chosen by --out's extension: CSV (also ``-``, standard output), a JSON array, JSON lines
+    or Parquet. Each is written piece by piece, one piece per chunk: the same file however the rows are split
+    (for Parquet, one row group per chunk)."""
 
-    def __init__(self, out):
-        self.json = out is not None and Path(out).suffix.lower() == ".json"
-        self.name = "json" if self.json else "csv"
+    def __init__(self, out: str | None):
+        suffix = ".csv" if out is None or str(out) == "-" else PurePosixPath(str(out)).suffix.lower()
+        if suffix not in FORMATS:
+            raise UserError(f"--out {out}: give a file ending in {', '.join(FORMATS)}, or - for CSV on standard "
+                            "output")
+        self.name = suffix[1:]
+        if self.name == "parquet":
+            extras.require("parquet", "--out *.parquet")
 
-    def head(self) -> str:
-        return "[\n" if self.json else ",".join(COLUMNS) + "\n"
+    def body(self, rows: list) -> bytes:
+        """One chunk's rows, ready to be joined with the others'."""
+        if self.name == "parquet":
+            return parquet_bytes(rows)
+        if self.name == "json":
+            return ",\n".join(textwrap.indent(json.dumps(row, indent=1), " ") for row in rows).encode()
+        if self.name == "jsonl":
+            return "".join(json.dumps(row) + "\n" for row in rows).encode()
+        return csv_text(rows).encode()
 
-    def body(self, rows: list) -> str:
-        if self.json:
-            return ",\n".join(textwrap.indent(json.dumps(row, indent=1), " ") for row in rows)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        for row in rows:
-            writer.writerow({**row, "confidence": "" if row["confidence"] is None else f"{row['confidence']:.6f}",
-                             "prediction": "" if row["prediction"] is None else row["prediction"],
-                             "top3": " ".join(f"{d}:{p:.4f}" for d, p in row["top3"])})
-        return buffer.getvalue()
+    def head(self) -> bytes:
+        return {"csv": ",".join(COLUMNS) + "\n", "json": "[\n"}.get(self.name, "").encode()
 
-    def join(self, bodies) -> str:
-        return ",\n".join(bodies) if self.json else "".join(bodies)
+    def write(self, f, bodies) -> None:
+        """Join the chunks' bodies, in order, into the binary file ``f``."""
+        if self.name == "parquet":
+            return write_parquet(f, bodies)
+        f.write(self.head())
+        for k, body in enumerate(bodies):
+            if k and self.name == "json":
+                f.write(b",\n")
+            f.write(body)
+        if self.name == "json":
+            f.write(b"\n]\n")
 
-    def tail(self) -> str:
-        return "\n]\n" if self.json else ""
+    def whole(self, rows: list) -> bytes:
+        f = io.BytesIO()
+        self.write(f, [self.body(rows)])
+        return f.getvalue()
 
-    def whole(self, rows: list) -> str:
-        return self.head() + self.body(rows) + self.tail()
+
+def csv_text(rows: list) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    for row in rows:
+        writer.writerow({**row, "confidence": "" if row["confidence"] is None else f"{row['confidence']:.6f}",
+                         "prediction": "" if row["prediction"] is None else row["prediction"],
+                         "top3": " ".join(f"{d}:{p:.4f}" for d, p in row["top3"])})
+    return buffer.getvalue()
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([("input", pa.string()), ("prediction", pa.int64()), ("confidence", pa.float64()),
+                      ("top3", pa.list_(pa.int64())), ("error", pa.string())])
+
+
+def parquet_table(rows: list):
+    """The rows as typed columns: a failed input has no prediction or confidence (null), an empty top3, an error."""
+    import pyarrow as pa
+
+    columns = {"input": [r["input"] for r in rows], "prediction": [r["prediction"] for r in rows],
+               "confidence": [r["confidence"] for r in rows], "top3": [[c for c, _ in r["top3"]] for r in rows],
+               "error": [r["error"] for r in rows]}
+    return pa.Table.from_pydict(columns, schema=parquet_schema())
+
+
+def parquet_bytes(rows: list) -> bytes:
+    import pyarrow.parquet as pq
+
+    f = io.BytesIO()
+    pq.write_table(parquet_table(rows), f)
+    return f.getvalue()
+
+
+def write_parquet(f, bodies) -> None:
+    """One Parquet file, one row group per chunk (at most --chunk-size rows: a reader's memory stays bounded)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(f, parquet_schema()) as writer:
+        for body in bodies:
+            table = pq.read_table(io.BytesIO(body))
+            writer.write_table(table, row_group_size=max(1, table.num_rows))

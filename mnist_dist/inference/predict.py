@@ -14,18 +14,21 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .. import atomic, extras, launch, locks
 from ..errors import UserError
 from . import manifest as manifest_lib
+from . import storage
 from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
 from .inputs import Framing, InputIndex
 from .manifest import image_size
 from .models import Runner, needs_torch, open_model
 from .outputs import Format, rows_for
+from .storage import Place
 
 PROGRESS_FROM = 1000  # inputs; fewer finish too fast for a bar to help
 
@@ -102,6 +105,17 @@ class JobOptions:
     chunk_size: int = CHUNK
     runtime: str = "auto"
     show_progress: bool = True
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """What each process sets up before any work: the model, its inputs, and where the output goes."""
+
+    model: Runner
+    index: InputIndex
+    out: Place | None
+    threads: int
 
 
 def run_job(opts: JobOptions, echo=print) -> dict:
@@ -113,7 +127,7 @@ def run_job(opts: JobOptions, echo=print) -> dict:
     """
     if needs_torch(opts.model_path):
         extras.require("train", f"predict with {opts.model_path}")
-    if opts.resume and opts.out is None:
+    if opts.resume and opts.out in (None, "-"):
         raise UserError("--resume continues a run into --out: give the same --out")
     accelerator = launch.job_processes(opts.cpu, needs_torch(opts.model_path))
     try:
@@ -123,41 +137,80 @@ def run_job(opts: JobOptions, echo=print) -> dict:
         accelerator.end_training()
 
 
-def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
-    if opts.out is None and accelerator.num_processes > 1:
-        raise UserError("--out is required when several processes label the inputs")
-    out = atomic.check_output_file(opts.out, "--out") if opts.out else None
-    if out is not None:  # one run per --out, for the run's whole life; --resume and a fresh run alike
-        launch.on_main_process(accelerator, lambda: held.enter_context(
-            locks.exclusive(out.parent / f".{out.name}.lock", f"--out {out}")))
+def prepare(opts: JobOptions, accelerator) -> Prepared:
+    """Everything a process checks before any work: the output's place, the model, the inputs. Every process
+    does it, since on several machines each sees its own disks and its own credentials."""
+    Format(opts.out)  # an unknown extension, or Parquet without pyarrow, is refused first
+    out = None
+    if opts.out not in (None, "-"):
+        out = storage.locate(opts.out, opts.storage_options)
+        if out.is_local:
+            atomic.check_output_file(out.name, "--out")
+        else:
+            storage.check_writable(out, "--out")
     threads, _ = launch.choose_threads(opts.threads)
     model = open_model(opts.model_path, opts.runtime, threads, str(accelerator.device), opts.batch_size)
-    started = time.perf_counter()  # end to end from here: enumerating, decoding, labelling, writing
-    index = InputIndex.build(opts.inputs, framing(model.manifest, opts.invert))
-    fmt = Format(out)
+    index = InputIndex.build(opts.inputs, framing(model.manifest, opts.invert), opts.storage_options)
+    return Prepared(model, index, out, threads)
+
+
+def check_same_inputs(seen: list) -> None:
+    """Every process must see the inputs the main process sees: the same files, sizes and versions."""
+    main_total, main_fingerprint = seen[0]
+    for rank, (total, fingerprint) in enumerate(seen):
+        if total != main_total:
+            what = f"{total} inputs where the main process sees {main_total}"
+        elif fingerprint != main_fingerprint:
+            what = "inputs of other names, sizes or versions than the main process does"
+        else:
+            continue
+        raise UserError(f"process {rank} sees {what}: every process must see the same inputs (a shared file "
+                        "system or an object store)")
+
+
+def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
+    if opts.out in (None, "-") and accelerator.num_processes > 1:
+        raise UserError("--out is required when several processes label the inputs (a file or a URL; - is "
+                        "standard output, for one process)")
+    here: list = []  # this process's Prepared, once every process has passed every check
+
+    def prepare_here() -> tuple:
+        here.append(prepare(opts, accelerator))
+        return here[0].index.total, here[0].index.fingerprint()
+
+    check_same_inputs(launch.agree(accelerator, prepare_here))
+    model, index, out, threads = here[0].model, here[0].index, here[0].out, here[0].threads
+    started = time.perf_counter()  # end to end from here: decoding, labelling, writing
+    fmt = Format(opts.out)
     chunk = chunk_size(index.total, opts.chunk_size)
     identity = {"inputs": index.fingerprint(), "model": model.sha256, "runtime": model.engine, "total": index.total,
-                "chunk": chunk, "invert": opts.invert, "format": fmt.name}
+                "chunk": chunk, "invert": opts.invert, "format": fmt.name, "batch": opts.batch_size}
     store = ChunkStore(out, identity, index.total, chunk) if out else None
-    resuming = opts.resume and store is not None and store.check_resumable()
-    accelerator.wait_for_everyone()  # every process passed every check: now the folder may change
-    if store is not None and accelerator.is_main_process:
-        store.start(resuming)
+    if store is not None:
+        launch.on_main_process(accelerator, lambda: begin(store, opts.resume, held))
     accelerator.wait_for_everyone()
 
     mine = share(chunk_ranges(index.total, chunk), accelerator)
-    finished = [r for r in mine if store is not None and store.done(r[0])]  # by the run being resumed
-    todo = [r for r in mine if r not in finished]
+    finished = store.finished(mine) if store is not None else {}  # by the run being resumed
+    todo = [r for r in mine if r[0] not in finished]
     labelled, failed, model_s = label_ranges(opts, index, model, store, todo, accelerator, echo, fmt, threads)
-    if store is not None:
-        failed += sum(store.failures(k) for k, _, _ in finished)
+    failed += sum(header["failed"] for header in finished.values())
     accelerator.wait_for_everyone()
     stats = gather_stats(accelerator, labelled, failed, model_s, model.description)
-    if store is not None and accelerator.is_main_process:
-        store.merge(fmt)
+    if store is not None:
+        launch.on_main_process(accelerator, lambda: store.merge(fmt))
     summary = summarise(index.total, stats["failed"], stats["labelled"], time.perf_counter() - started,
                         stats["model_images_per_s"], stats["runtimes"])
     return {**summary, "peak_rss_mb": stats["peak_rss_mb"]}
+
+
+def begin(store: ChunkStore, resume: bool, held: ExitStack) -> None:
+    """On the main process: hold --out for the run's whole life (a local file; object stores have no locks),
+    then keep the finished chunks of the run being resumed, or start afresh."""
+    if store.out.is_local:
+        held.enter_context(locks.exclusive(Path(storage.parent(store.out.path)) / f".{store.out.basename}.lock",
+                                           f"--out {store.out.name}"))
+    store.start(resume and store.check_resumable())
 
 
 def label_ranges(opts, index, model, store, todo, accelerator, echo, fmt: Format, threads: int) -> tuple:
@@ -179,11 +232,11 @@ def label_ranges(opts, index, model, store, todo, accelerator, echo, fmt: Format
             model_s += seconds
             labelled += len(rows)
             failed += sum(1 for row in rows if row["error"])
-            text = fmt.body(rows)
+            body = fmt.body(rows)
             if store is not None:
-                store.save(k, start, stop, rows, text)
-            else:  # one process writing to stdout: stream the rows as they come
-                echo(("" if position else fmt.head()) + text, nl=False)
+                store.save(k, start, stop, rows, body)
+            else:  # one process writing CSV to stdout: stream the rows as they come
+                echo(((b"" if position else fmt.head()) + body).decode(), nl=False)
             bar.update(len(rows))
     bar.close()
     return labelled, failed, model_s

@@ -21,11 +21,16 @@ RUNTIME_CHOICES = ("auto", *ENGINES)
 AUTO_OPENVINO_FROM = 64  # images per batch; measured: below this onnxruntime answers sooner, above OpenVINO is faster
 
 
-def onnx_providers(device: str = "cpu") -> list:
-    """onnxruntime's CUDA provider for a process on a GPU, where this onnxruntime build has it; else the CPU."""
+def cuda_provider_available() -> bool:
     import onnxruntime as ort
 
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def onnx_providers(device: str = "cpu") -> list:
+    """onnxruntime's CUDA provider for a process on a GPU, where this onnxruntime build has it; else the CPU (a
+    GPU process then runs the model on its CPU, and says so)."""
+    if device.startswith("cuda") and cuda_provider_available():
         index = int(device.split(":")[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -73,7 +78,9 @@ def choose_runtime(path, requested: str, batch: int, device: str = "cpu") -> tup
     """
     if requested != "auto":
         return requested, ""
-    if device.startswith("cuda") or not openvino_installed():
+    if device.startswith("cuda") and cuda_provider_available():
+        return "onnxruntime", "auto: a GPU process"
+    if not openvino_installed():
         return "onnxruntime", "auto"
     measured = fastest_in_bench(Path(path), batch)
     if measured:
