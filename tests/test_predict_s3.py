@@ -98,14 +98,14 @@ def test_sigkill_mid_run_then_resume_on_one_process_gives_the_uninterrupted_rows
     job = subprocess.Popen([str(a) for a in launch_cmd("jobs/predict.py", *args, "--out", out)], cwd=ROOT,
                            env=cpu_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: len(s3.ls(parts, refresh=True) if s3.exists(parts) else []) >= 6)
+        wait_for(lambda: len(finished_parts(s3, parts)) >= 6)
         workers = psutil.Process(job.pid).children(recursive=True)
         job.send_signal(signal.SIGKILL)
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, "workers outlived their killed launcher"
     finally:
         job.kill()
-    done = sorted(s3.ls(parts, refresh=True))
+    done = finished_parts(s3, parts)
     assert 6 <= len(done) < 120 and not s3.exists("digits/killed/preds.csv")  # mid-run: parts, no output
 
     # Another model and batch size are refused, each named; the parts are left as they were.
@@ -113,7 +113,7 @@ def test_sigkill_mid_run_then_resume_on_one_process_gives_the_uninterrupted_rows
                               "--out", out, "--resume")
     assert code == 1 and output.count("Error:") == 1 and "had other --model" in output
     assert "--batch-size 256, not 64" in output
-    assert sorted(s3.ls(parts, refresh=True)) == done
+    assert finished_parts(s3, parts) == done
 
     code, output = in_process(*args, "--out", out, "--resume", "--summary", tmp_path / "summary.json")
     assert code == 0, output
@@ -122,6 +122,11 @@ def test_sigkill_mid_run_then_resume_on_one_process_gives_the_uninterrupted_rows
     assert (summary["inputs"], summary["resumed_inputs"]) == (6000, 50 * len(done))  # kept, not labelled again
     s3.invalidate_cache()
     assert not s3.exists(parts)
+
+
+def finished_parts(s3, folder: str) -> list:
+    """The chunk parts in ``folder`` (job.json sits beside them)."""
+    return sorted(p for p in (s3.ls(folder, refresh=True) if s3.exists(folder) else []) if p.endswith(".part"))
 
 
 def test_a_broken_store_is_one_line_and_no_hang(exported_model, s3):
