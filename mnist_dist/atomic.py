@@ -73,9 +73,13 @@ def umask() -> int:
     return mask
 
 
-def write_text(path, text: str) -> None:
+def write_bytes(path, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_bytes(data)
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
 def write_json(path, obj) -> None:

@@ -383,6 +383,7 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
     contiguous share, and the main process writes one --out in input order. Exit code 2 when any
     input failed (its row says why); every other input is still labelled."""
     from . import atomic
+    from .inference.outputs import to_stdout
     from .inference.predict import JobOptions, describe, run_job
 
     if summary_path:
@@ -390,11 +391,11 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
     options = JobOptions(inputs, model_path, out, invert, batch_size, resume, workers, threads, cpu, chunk_size,
                          runtime, storage_options=parse_storage_options(storage_options))
     hint = (f"the finished chunks are kept beside {out}; continue with the same command and --resume"
-            if out not in (None, "-") else "nothing was written; run it again")
+            if not to_stdout(out) else "nothing was written; run it again")
     with interruptible(hint):
         summary = run_job(options, echo=click.echo)
     if launched_rank() == 0:
-        click.echo(describe(summary, None if out == "-" else out), err=True)
+        click.echo(describe(summary, None if to_stdout(out) else out), err=True)
         if summary_path:
             atomic.write_json(summary_path, summary)
     if summary["failed"]:

@@ -13,26 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from mnist_dist.bench.predict import start_moto
 from mnist_dist.cli import predict
 from mnist_dist.data import mnist
 
 from conftest import ROOT, cpu_env, free_port, launch_cmd, root_cause_exit_code, run, wait_for, write_test_pngs
 
 
-def s3_server(**env) -> tuple:
-    """moto's S3 server on a free loopback port, in a process of its own (a server thread in this process would
-    slow the jobs that run here by sharing the GIL): (process, endpoint URL)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=cpu_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: port_open(port), timeout=30)
-    return server, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A bucket named "digits" on a real S3 endpoint on loopback, and a file system for the test's own looks."""
-    server, endpoint = s3_server()
+    server, endpoint = start_moto()
     try:
         with pytest.MonkeyPatch.context() as env:  # for the jobs started here and in this process alike
             for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
@@ -141,7 +132,7 @@ def test_a_broken_store_is_one_line_and_no_hang(exported_model, s3):
         assert code == 1 and output.count("Error:") == 1 and message in output, output
 
     # Refused credentials (a second server that checks them) and an unreachable endpoint: a job of its own, bounded.
-    checking, checks_keys = s3_server(INITIAL_NO_AUTH_ACTION_COUNT="0")
+    checking, checks_keys = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # a server that checks keys
     try:
         for endpoint, message in [(checks_keys, "Forbidden: check the credentials"),
                                   (f"http://127.0.0.1:{free_port()}", "Could not connect to the endpoint URL")]:
@@ -153,10 +144,3 @@ def test_a_broken_store_is_one_line_and_no_hang(exported_model, s3):
             assert "Traceback" not in proc.stderr and time.monotonic() - started < 60
     finally:
         checking.kill()
-
-
-def port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0

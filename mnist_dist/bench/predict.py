@@ -10,6 +10,8 @@ its start-up (the same command on a single image), the faster of two runs agains
 three start-ups, the same way for every variant; peak memory is the largest resident set of any of
 its processes.
 """
+from __future__ import annotations
+
 import csv
 import json
 import os
@@ -79,26 +81,35 @@ def upload(local_set: tuple, s3) -> tuple:
     return f"s3://{key}" + ("/" if path.is_dir() else ""), truth
 
 
-@contextmanager
-def s3_server():
-    """moto's S3 server on a loopback port, in a process of its own; yields (its process, an s3fs file system).
-    The AWS_* variables point every command started meanwhile at it."""
-    import s3fs
-
+def start_moto(env: dict | None = None) -> tuple:
+    """moto's S3 server on a free loopback port, in a process of its own (in this process it would share the GIL
+    with the work it serves): (its process, its endpoint URL)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=dict(os.environ, **(env or {})), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not listening(port):
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("moto's server did not start")
+        time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def s3_server():
+    """moto's S3 server; yields (its process, an s3fs file system). The AWS_* variables point every command
+    started meanwhile at it."""
+    import s3fs
+
+    server, endpoint = start_moto()
     saved = dict(os.environ)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
     try:
-        deadline = time.monotonic() + 30
-        while not listening(port):
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto's server did not start")
-            time.sleep(0.1)
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir(BUCKET)
         yield server, fs

@@ -39,14 +39,3 @@ def from_bytes(raw: bytes | bytearray) -> np.ndarray:
     """The values of an IDX file held in memory, shaped by its header (a view, not a copy)."""
     _, dims, offset = parse_header(raw, len(raw))
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
-
-
-def open_file(path) -> np.ndarray:
-    """The values of an IDX file on disk, memory-mapped: a million images cost no RAM until read."""
-    with open(path, "rb") as f:
-        head = f.read(4 + 4 * 255)
-        size = f.seek(0, 2)
-    _, dims, offset = parse_header(head, size)
-    if size == offset:  # np.memmap refuses zero-length maps
-        return np.zeros(dims, np.uint8)
-    return np.memmap(path, np.uint8, mode="r", offset=offset, shape=dims)

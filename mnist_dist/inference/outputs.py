@@ -45,13 +45,18 @@ def make_row(item: Item, top_classes: list, top_scores: list) -> dict:
 FORMATS = (".csv", ".json", ".jsonl", ".parquet")
 
 
+def to_stdout(out) -> bool:
+    """--out - or no --out: CSV on standard output."""
+    return out is None or str(out) == "-"
+
+
 class Format:
     """predict's output, chosen by --out's extension: CSV (also ``-``, standard output), a JSON array, JSON lines
     or Parquet. Each is written piece by piece, one piece per chunk: the same file however the rows are split
     (for Parquet, one row group per chunk)."""
 
     def __init__(self, out: str | None):
-        suffix = ".csv" if out is None or str(out) == "-" else PurePosixPath(str(out)).suffix.lower()
+        suffix = ".csv" if to_stdout(out) else PurePosixPath(str(out)).suffix.lower()
         if suffix not in FORMATS:
             raise UserError(f"--out {out}: give a file ending in {', '.join(FORMATS)}, or - for CSV on standard "
                             "output")
@@ -83,11 +88,6 @@ class Format:
             f.write(body)
         if self.name == "json":
             f.write(b"\n]\n")
-
-    def whole(self, rows: list) -> bytes:
-        f = io.BytesIO()
-        self.write(f, [self.body(rows)])
-        return f.getvalue()
 
 
 def csv_text(rows: list) -> str:

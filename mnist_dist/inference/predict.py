@@ -27,7 +27,7 @@ from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
 from .inputs import Framing, InputIndex
 from .manifest import image_size
 from .models import Runner, needs_torch, open_model
-from .outputs import Format, rows_for
+from .outputs import Format, rows_for, to_stdout
 from .storage import Place
 
 PROGRESS_FROM = 1000  # inputs; fewer finish too fast for a bar to help
@@ -114,7 +114,9 @@ class Prepared:
 
     model: Runner
     index: InputIndex
+    fingerprint: str  # of the inputs: compared across processes, and recorded for --resume
     out: Place | None
+    fmt: Format
     threads: int
 
 
@@ -127,7 +129,7 @@ def run_job(opts: JobOptions, echo=print) -> dict:
     """
     if needs_torch(opts.model_path):
         extras.require("train", f"predict with {opts.model_path}")
-    if opts.resume and opts.out in (None, "-"):
+    if opts.resume and to_stdout(opts.out):
         raise UserError("--resume continues a run into --out: give the same --out")
     accelerator = launch.job_processes(opts.cpu, needs_torch(opts.model_path))
     try:
@@ -140,9 +142,9 @@ def run_job(opts: JobOptions, echo=print) -> dict:
 def prepare(opts: JobOptions, accelerator) -> Prepared:
     """Everything a process checks before any work: the output's place, the model, the inputs. Every process
     does it, since on several machines each sees its own disks and its own credentials."""
-    Format(opts.out)  # an unknown extension, or Parquet without pyarrow, is refused first
+    fmt = Format(opts.out)  # an unknown extension, or Parquet without pyarrow, is refused first
     out = None
-    if opts.out not in (None, "-"):
+    if not to_stdout(opts.out):
         out = storage.locate(opts.out, opts.storage_options)
         if out.is_local:
             atomic.check_output_file(out.name, "--out")
@@ -151,7 +153,7 @@ def prepare(opts: JobOptions, accelerator) -> Prepared:
     threads, _ = launch.choose_threads(opts.threads)
     model = open_model(opts.model_path, opts.runtime, threads, str(accelerator.device), opts.batch_size)
     index = InputIndex.build(opts.inputs, framing(model.manifest, opts.invert), opts.storage_options)
-    return Prepared(model, index, out, threads)
+    return Prepared(model, index, index.fingerprint(), out, fmt, threads)
 
 
 def check_same_inputs(seen: list) -> None:
@@ -169,21 +171,20 @@ def check_same_inputs(seen: list) -> None:
 
 
 def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
-    if opts.out in (None, "-") and accelerator.num_processes > 1:
+    if to_stdout(opts.out) and accelerator.num_processes > 1:
         raise UserError("--out is required when several processes label the inputs (a file or a URL; - is "
                         "standard output, for one process)")
     here: list = []  # this process's Prepared, once every process has passed every check
 
     def prepare_here() -> tuple:
         here.append(prepare(opts, accelerator))
-        return here[0].index.total, here[0].index.fingerprint()
+        return here[0].index.total, here[0].fingerprint
 
     check_same_inputs(launch.agree(accelerator, prepare_here))
-    model, index, out, threads = here[0].model, here[0].index, here[0].out, here[0].threads
+    model, index, out, fmt, threads = here[0].model, here[0].index, here[0].out, here[0].fmt, here[0].threads
     started = time.perf_counter()  # end to end from here: decoding, labelling, writing
-    fmt = Format(opts.out)
     chunk = chunk_size(index.total, opts.chunk_size)
-    identity = {"inputs": index.fingerprint(), "model": model.sha256, "runtime": model.engine, "total": index.total,
+    identity = {"inputs": here[0].fingerprint, "model": model.sha256, "runtime": model.engine, "total": index.total,
                 "chunk": chunk, "invert": opts.invert, "format": fmt.name, "batch": opts.batch_size}
     store = ChunkStore(out, identity, index.total, chunk) if out else None
     if store is not None:

@@ -134,8 +134,7 @@ def write_whole(place: Place, data: bytes) -> None:
     """Write a small object whole: atomically renamed on disk, one PUT (which appears whole or not at all) in an
     object store."""
     if place.is_local:
-        with atomic.atomic_path(place.path) as tmp, open(tmp, "wb") as f:
-            f.write(data)
+        atomic.write_bytes(place.path, data)
     else:
         place.fs.pipe_file(place.path, data)
 
