@@ -287,3 +287,31 @@ def test_csv_streams_to_stdout_with_one_header_across_chunks(exported_model, tes
     rows = list(csv.DictReader(lines))
     assert [r["input"].rsplit("#", 1)[1] for r in rows] == [str(i) for i in range(200)]
     assert np.mean([int(r["prediction"]) == label for r, label in zip(rows, labels)]) > 0.95
+
+
+def test_every_output_format_holds_the_same_rows(exported_model, test_digits, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from mnist_dist.cli import main
+
+    np.save(tmp_path / "digits.npy", test_digits[0][:150])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    inputs = [str(tmp_path / "digits.npy"), str(tmp_path / "broken.png")]
+    for suffix in ("csv", "json", "jsonl", "parquet"):
+        result = CliRunner().invoke(main, ["predict", *inputs, "--model", str(exported_model / "model.onnx"),
+                                           "--chunk-size", "64", "--out", str(tmp_path / f"p.{suffix}")])
+        assert result.exit_code == 2, result.output  # the broken file
+    as_json = json.loads((tmp_path / "p.json").read_text())
+    assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == as_json
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert pq.ParquetFile(tmp_path / "p.parquet").metadata.num_row_groups == 3  # 151 rows in chunks of 64
+    assert table.to_pylist() == [{**row, "top3": [c for c, _ in row["top3"]]} for row in as_json]
+    with open(tmp_path / "p.csv") as f:
+        assert [(r["input"], r["prediction"]) for r in csv.DictReader(f)] == \
+            [(row["input"], "" if row["prediction"] is None else str(row["prediction"])) for row in as_json]
+    assert as_json[-1]["error"] and as_json[-1]["prediction"] is None and len(as_json) == 151
+    assert "give a file ending in .csv, .json, .jsonl, .parquet" in command_error(
+        [*inputs, "--model", exported_model / "model.onnx", "--out", tmp_path / "p.txt"])
