@@ -222,7 +222,10 @@ class InputIndex:
         """Start reading [start, stop) on ``pool``, in ``workers`` contiguous slices, and return a function that
         waits for the items in order. The caller labels one range while the next is fetched and decoded: the
         model, libjpeg and network waits release the GIL, so reading overlaps inference. One task per slice, not
-        per image: for small PNGs a future costs as much as the decoding."""
+        per image: for small PNGs a future costs as much as the decoding. Array rows are read in one piece: a
+        request to an object store costs more than converting the rows."""
+        if not any(source.kind == "image" for source, _, _, _ in self.pieces(start, stop)):
+            workers = 1  # array rows need no decoding: one ranged read for the whole range, not one per slice
         bounds = np.linspace(start, stop, max(1, min(workers, stop - start)) + 1).astype(int)
         futures = [pool.submit(self.read, a, b) for a, b in zip(bounds, bounds[1:])]
         return lambda: [item for future in futures for item in future.result()]
