@@ -28,6 +28,7 @@ TABLES = {
                     ["benchmarks/inference-cpu-avx2.json", "benchmarks/inference-cpu-avx2-best.json"]),
     "predict": ("mnist_dist.bench.predict:readme_table",
                 ["benchmarks/predict-cpu-avx2-deploy.json", "benchmarks/predict-cpu-avx512.json"]),
+    "predict-s3": ("mnist_dist.bench.predict:s3_table", ["benchmarks/predict-s3-cpu-avx2.json"]),
     "serve": ("mnist_dist.bench.serve:readme_table",
               ["benchmarks/serve-cpu-avx2.json", "benchmarks/serve-cpu-avx512.json"]),
 }
