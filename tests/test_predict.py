@@ -315,3 +315,25 @@ def test_every_output_format_holds_the_same_rows(exported_model, test_digits, tm
     assert as_json[-1]["error"] and as_json[-1]["prediction"] is None and len(as_json) == 151
     assert "give a file ending in .csv, .json, .jsonl, .parquet" in command_error(
         [*inputs, "--model", exported_model / "model.onnx", "--out", tmp_path / "p.txt"])
+
+
+def test_a_part_missing_at_the_merge_is_one_line_and_no_output(tmp_path):
+    from mnist_dist.errors import UserError
+    from mnist_dist.inference import storage
+    from mnist_dist.inference.chunks import ChunkStore
+    from mnist_dist.inference.outputs import Format
+
+    out = storage.locate(tmp_path / "preds.csv")
+    store = ChunkStore(out, {"inputs": "x"}, total=10, chunk=4)  # chunks 0..3, 4..7, 8..9
+    store.start(resume=False)
+    fmt = Format(out.name)
+    row = {"input": "a", "prediction": 1, "confidence": 0.9, "top3": [[1, 0.9]], "error": ""}
+    for k, start, stop in store.ranges():
+        if k != 1:  # as if the process that had chunk 1 wrote it somewhere else, or not at all
+            store.save(k, start, stop, [row] * (stop - start), fmt.body([row] * (stop - start)))
+    with pytest.raises(UserError, match=r"the part for inputs 4\.\.7 .* is missing or incomplete"):
+        store.merge(fmt)
+    assert not (tmp_path / "preds.csv").exists() and not list(tmp_path.glob(".preds.csv.*.tmp"))
+    store.save(1, 4, 8, [row] * 4, fmt.body([row] * 4))
+    store.merge(fmt)
+    assert (tmp_path / "preds.csv").read_text().count("\n") == 11 and not store.folder.fs.exists(store.folder.path)
