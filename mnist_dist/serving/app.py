@@ -22,11 +22,13 @@ import gc
 import io
 import json
 import os
+import re
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -35,7 +37,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.routing import Match, Route
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import UserError, one_line
@@ -130,10 +132,10 @@ def create_app(served: Served) -> FastAPI:
 
     app = FastAPI(title="mnist-dist", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.served, app.state.lifecycle = served, lifecycle
+    app.add_middleware(BusyRoutes, model_name=options.model_name)  # the innermost: after the body limit
     app.add_middleware(BodyLimit, max_bytes=options.max_body)
     app.add_middleware(Observed, lifecycle=lifecycle, access_log=open_log(options.access_log))
     add_error_handlers(app)
-    add_busy_routes(app, options.model_name)  # first: the router tries routes in order
     add_v2_routes(app, options.model_name)
     add_v1_routes(app)
     document_busy_routes(app, options.model_name)
@@ -187,21 +189,23 @@ class _Stdout:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(BadRequest)
-    async def bad_request(request, exc):
+    async def handler(request, exc):
+        return error_response(exc)
+
+    for kind in (BadRequest, HTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(kind, handler)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """How any error reaches a client: {"error": one line} and its status; the server's own faults say only their
+    kind (the traceback stays in the server's log)."""
+    if isinstance(exc, BadRequest):
         return JSONResponse({"error": one_line(exc)}, status_code=exc.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc):
+    if isinstance(exc, HTTPException):
         return JSONResponse({"error": one_line(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
+    if isinstance(exc, RequestValidationError):
         return JSONResponse({"error": one_line(exc.errors())}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, exc):  # the server's own fault: say so in one line, keep the traceback here
-        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
 async def answer_of(request: Request, job: Job):
@@ -220,38 +224,92 @@ async def answer_of(request: Request, job: Job):
         raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
-class TemplatedRoute(Route):
-    """A plain Starlette route (no FastAPI parameter machinery: it cost more than the rest of a request) that still
-    names its template in the scope, as FastAPI's routes do, for the metrics' route label."""
+class Template(NamedTuple):
+    """What the metrics label a request with: its route's template, not its path."""
 
-    def matches(self, scope):
-        match, child_scope = super().matches(scope)
-        if match != Match.NONE:
-            child_scope["route"] = self
-        return match, child_scope
+    path: str
 
 
-def add_busy_routes(app: FastAPI, model_name: str) -> None:
-    """The two routes that carry images. They read their requests themselves; ``openapi`` describes them."""
-    async def infer(request: Request):
-        known_model(request, model_name)
-        job = InferJob(await request.body(), request.headers.get("inference-header-content-length"),
-                       request.app.state.served.model.manifest, model_name)
-        payload, header_size = await answer_of(request, job)
-        assert job.request is not None  # prepared, since it was answered
-        metrics.IMAGES.labels("labelled").inc(len(job.request.images))
-        if header_size is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_size)})
+class Answer(NamedTuple):
+    """A busy route's answer, sent as two plain ASGI messages."""
 
-    async def predict_endpoint(request: Request):
-        query = request.query_params
-        return await answer(request, query.get("invert", "auto"), query.get("return_image", "").lower() in TRUE)
+    payload: bytes
+    content_type: bytes = b"application/json"
+    status: int = 200
+    headers: tuple = ()
 
-    app.router.routes[:0] = [TemplatedRoute("/v2/models/{name}/infer", infer, methods=["POST"]),
-                             TemplatedRoute("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
-                             TemplatedRoute("/v1/predict", predict_endpoint, methods=["POST"])]
+
+class BusyRoutes:
+    """The routes that carry images, answered as plain ASGI ahead of FastAPI's router and its exception and
+    dependency layers, which cost the event loop more than the rest of a request together (measured under load);
+    every other request passes through to the app. ``openapi.busy_paths`` documents them."""
+
+    def __init__(self, app, model_name: str) -> None:
+        self.app = app
+
+        async def infer(request: Request, body: bytes) -> Answer:
+            known_model(request, model_name)
+            job = InferJob(body, header_value(request.scope, b"inference-header-content-length"),
+                           request.app.state.served.model.manifest, model_name)
+            payload, header_size = await answer_of(request, job)
+            assert job.request is not None  # prepared, since it was answered
+            metrics.images("labelled").inc(len(job.request.images))
+            if header_size is None:
+                return Answer(payload)
+            return Answer(payload, b"application/octet-stream",
+                          headers=((b"inference-header-content-length", str(header_size).encode()),))
+
+        async def predict_endpoint(request: Request, body: bytes) -> Answer:
+            query = request.query_params
+            return await answer(request, body, query.get("invert", "auto"),
+                                query.get("return_image", "").lower() in TRUE)
+
+        self.routes = [(re.compile(r"/v2/models/(?P<name>[^/]+)/infer"), Template("/v2/models/{name}/infer"), infer),
+                       (re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"),
+                        Template("/v2/models/{name}/versions/{version}/infer"), infer),
+                       (re.compile(r"/v1/predict"), Template("/v1/predict"), predict_endpoint)]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for pattern, template, endpoint in self.routes:
+                match = pattern.fullmatch(scope["path"])
+                if match:
+                    scope["route"], scope["path_params"] = template, match.groupdict()
+                    return await self.answer(endpoint, scope, receive, send)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def answer(endpoint, scope, receive, send) -> None:
+        try:
+            if scope["method"] != "POST":
+                raise HTTPException(405, headers={"Allow": "POST"})
+            reply = await endpoint(Request(scope, receive), await read_body(receive))
+        except (BadRequest, HTTPException) as e:  # anything else is the outer layers' to answer, as for every route
+            return await error_response(e)(scope, receive, send)
+        await send({"type": "http.response.start", "status": reply.status,
+                    "headers": [(b"content-type", reply.content_type),
+                                (b"content-length", str(len(reply.payload)).encode()), *reply.headers]})
+        await send({"type": "http.response.body", "body": reply.payload})
+
+
+async def read_body(receive) -> bytes:
+    """The whole request body, as Starlette's Request.body reads it, without its stream's layers."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def header_value(scope, name: bytes) -> str | None:
+    """A request header (its name in lower case), read straight from the scope."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def document_busy_routes(app: FastAPI, model_name: str) -> None:
@@ -297,7 +355,7 @@ def add_v1_routes(app: FastAPI) -> None:
         return describe(request.app.state.served, request.app.state.batcher)
 
 
-async def answer(request: Request, invert: str, with_image: bool):
+async def answer(request: Request, body: bytes, invert: str, with_image: bool) -> Answer:
     """Read the images, label them through the batcher, and answer in request order."""
     if invert not in INVERT:
         raise BadRequest(f"invert must be one of {', '.join(INVERT)}", 422)
@@ -307,15 +365,14 @@ async def answer(request: Request, invert: str, with_image: bool):
         raise BadRequest("send multipart/form-data with fields named 'file', or application/json "
                          "{\"images\": [...]}", 415)
     served = request.app.state.served
-    job = PredictJob(await request.body(), content_type, kind, served, served.framing(invert), with_image)
+    job = PredictJob(body, content_type, kind, served, served.framing(invert), with_image)
     payload = await answer_of(request, job)
-    metrics.IMAGES.labels("labelled").inc(len(job.good))
+    metrics.images("labelled").inc(len(job.good))
     if len(job.items) > len(job.good):
-        metrics.IMAGES.labels("failed").inc(len(job.items) - len(job.good))
+        metrics.images("failed").inc(len(job.items) - len(job.good))
     if not job.good:  # nothing could be read: the request itself is bad
-        return Response(payload, status_code=422 if kind == "application/json" else 400,
-                        media_type="application/json")
-    return Response(payload, media_type="application/json")
+        return Answer(payload, status=422 if kind == "application/json" else 400)
+    return Answer(payload)
 
 
 class PredictJob(Job):

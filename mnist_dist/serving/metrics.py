@@ -8,6 +8,7 @@ imported; ``serving.server`` does so before it starts the workers.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,6 +33,12 @@ REJECTED = Counter(f"{PREFIX}_rejected", "Requests refused before the model: que
                    ["reason"])
 
 DOCUMENTED = [REQUESTS, REQUEST_SECONDS, IN_FLIGHT, QUEUE_SECONDS, BATCH_IMAGES, MODEL_SECONDS, IMAGES, REJECTED]
+
+
+@functools.cache
+def images(outcome: str):
+    """The images counter of one outcome, looked up once per process (labels() takes a lock each call)."""
+    return IMAGES.labels(outcome)
 
 
 class BatcherStats:

@@ -92,12 +92,11 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        too_large = JSONResponse({"error": f"the body is over the {self.max_bytes:,}-byte limit"}, status_code=413)
         if declared is not None:
             if not declared.isdigit():
                 return await JSONResponse({"error": "invalid Content-Length"}, status_code=400)(scope, receive, send)
             if int(declared) > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self.too_large(scope, receive, send)
         received = 0
         started = False
 
@@ -119,7 +118,11 @@ class BodyLimit:
             await self.app(scope, counted_receive, tracked_send)
         except BodyTooLarge:
             if not started:
-                await too_large(scope, receive, send)
+                await self.too_large(scope, receive, send)
+
+    async def too_large(self, scope, receive, send) -> None:
+        response = JSONResponse({"error": f"the body is over the {self.max_bytes:,}-byte limit"}, status_code=413)
+        await response(scope, receive, send)
 
 
 class BodyTooLarge(Exception):
