@@ -105,10 +105,16 @@ class MicroBatcher:
         assert self.loop is not None
         pending = Pending(job, self.loop.create_future())
         self.waiting.append(pending)  # deque appends and pops are atomic: the thread takes from the other end
-        self.wake.set()
+        if not self.wake.is_set():  # set() takes a lock; while the batcher has not yet woken, once is enough
+            self.wake.set()
         if timeout is None:
             return await pending.future
-        return await asyncio.wait_for(pending.future, timeout)
+        # A timer on the future itself: asyncio.wait_for would make a task for every request.
+        expiry = self.loop.call_later(timeout, expire, pending.future)
+        try:
+            return await pending.future
+        finally:
+            expiry.cancel()
 
     # --- on the batcher's thread ---------------------------------------------------------------------------------
 
@@ -144,7 +150,7 @@ class MicroBatcher:
 
     def prepared(self, pending: Pending) -> Pending:
         self.stats.waited(time.perf_counter() - pending.queued_at)
-        if pending.future.cancelled():  # timed out, or the client went away: not worth anything more
+        if pending.future.done():  # timed out, or the client went away: not worth anything more
             return pending
         try:
             images = pending.job.prepare()
@@ -173,8 +179,11 @@ class MicroBatcher:
                 runnable.append(pending)
         self.deliver(answered)
         for group in groups_of(runnable, self.max_batch):
-            self.run_group(group)
-            self.deliver(group)
+            # Requests that timed out, or whose clients left, while earlier groups ran: no model time for them.
+            group = [p for p in group if not p.future.done()]
+            if group:
+                self.run_group(group)
+                self.deliver(group)
 
     def run_group(self, group: list) -> None:
         started = time.perf_counter()
@@ -195,6 +204,12 @@ class MicroBatcher:
         """Hand the answers to the event loop together: one wake-up of the loop for all of them."""
         if answered and self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(settle, [(p.future, *p.result) for p in answered])
+
+
+def expire(future: asyncio.Future) -> None:
+    """On the event loop: a request that waited its whole time-out gets asyncio.TimeoutError (504)."""
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 def settle(answers: list) -> None:
