@@ -1,21 +1,24 @@
-"""Micro-batching on one model thread, with a bounded queue: requests that arrive together share one model run.
+"""Micro-batching on model threads, with a bounded queue: requests that arrive together share one model run.
 
 A request hands the batcher a ``Job``: its raw body and what to make of it.
-The event loop only moves bytes; the batcher's own thread does everything
-else for every job waiting at once: ``prepare`` (parse the JSON, decode the
-images: never on the event loop), then one model run for up to ``max_batch``
-images, then ``finish`` (the answer's bytes), and hands all the answers back
-to the loop in one call. One thread hop per batch, not two per request: at
-one request at a time that is what running each request on its own costs,
-and under load it is a fraction of it.
+The event loop only moves bytes; a model thread does everything else for
+every job waiting at once: ``prepare`` (parse the JSON, decode the images:
+never on the event loop), then one model run for up to ``max_batch`` images,
+then ``finish`` (the answer's bytes), and hands all the answers back to the
+loop in one call. One thread hop per batch, not two per request: at one
+request at a time that is what running each request on its own costs, and
+under load it is a fraction of it. With ``threads`` > 1, each model thread
+takes whatever is waiting when it is free, so one prepares and answers (which
+holds the GIL) while another is in the model (which releases it).
 
 If the batch still holds fewer than ``max_batch`` images the thread waits up
 to ``max_wait`` seconds for more; alone, a request waits at most that.
 
-Backpressure: at most ``max_queue`` images wait for the model. Images
-prepared past it are refused (``Overloaded``: the server answers 503 with
-Retry-After) instead of joining a queue that only grows; a request larger
-than the bound is taken only first in line. A request that waits longer than
+Backpressure: at most ``max_queue`` images wait for the model (prepared,
+and not yet taken by a model thread). Images prepared past it are refused
+(``Overloaded``: the server answers 503 with Retry-After) instead of joining
+a queue that only grows; a request larger than the bound is taken only first
+in line. A request that waits longer than
 its time-out is dropped (``asyncio.TimeoutError``: 504) and costs no model
 time if it has not run yet.
 """
@@ -73,30 +76,36 @@ class Pending:
 
 class MicroBatcher:
     def __init__(self, run, max_batch: int = 64, max_wait: float = 0.0, max_queue: int | None = None,
-                 stats=None):
+                 stats=None, threads: int = 1):
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
         self.stats = stats or NoStats()
         self.waiting: collections.deque = collections.deque()
         self.wake = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.threads = [threading.Thread(target=self.serve_forever, name=f"batcher-{i}", daemon=True)
+                        for i in range(threads)]
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # model runs so far, for /v1/model
+        # Admitted groups no model thread has taken yet, and their images: the model threads' own, under the lock.
+        self.ready: collections.deque = collections.deque()
+        self.queued = 0
+        self.lock = threading.Lock()
 
     @property
-    def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive() and not self.stopping
+    def running(self) -> bool:  # a model thread that fails stops them all (serve_forever)
+        return self.loop is not None and all(t.is_alive() for t in self.threads) and not self.stopping
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self.serve_forever, name="batcher", daemon=True)
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
 
     async def stop(self) -> None:
         self.stopping = True
         self.wake.set()
-        if self.thread is not None:
-            await asyncio.to_thread(self.thread.join)
+        for thread in self.threads:
+            if thread.is_alive():
+                await asyncio.to_thread(thread.join)
 
     async def __call__(self, job: Job, timeout: float | None = None):
         """The job's answer, once its images have been through the model with whatever else was waiting."""
@@ -116,18 +125,23 @@ class MicroBatcher:
         finally:
             expiry.cancel()
 
-    # --- on the batcher's thread ---------------------------------------------------------------------------------
+    # --- on the model threads -----------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
         try:
             while not self.stopping:
                 self.wake.wait()
                 self.wake.clear()
-                while self.waiting and not self.stopping:
-                    self.serve(self.next_batch())
+                while (self.waiting or self.ready) and not self.stopping:
+                    if self.waiting:
+                        self.admit(self.next_batch())
+                    self.run_next_group()
         finally:  # stopped (or broken): nobody may wait for an answer that cannot come
             self.stopping = True
-            left = self.take_all()
+            self.wake.set()  # the other model threads stop too
+            with self.lock:
+                left = self.take_all() + [pending for group in self.ready for pending in group]
+                self.ready.clear()
             for pending in left:
                 pending.result = (None, Unavailable("the model stopped"))
             self.deliver(left)
@@ -163,27 +177,38 @@ class MicroBatcher:
             pending.result = finished(pending, np.zeros((0, 0), np.float32))
         return pending
 
-    def serve(self, batch: list) -> None:
-        """Admit up to ``max_queue`` images and run them ``max_batch`` at a time. Refusals and requests that could
-        not be read are answered first, at once; each group of runs as soon as its run is done."""
-        admitted = 0
+    def admit(self, batch: list) -> None:
+        """Queue prepared jobs for the model, ``max_batch`` images a group, while at most ``max_queue`` images wait;
+        refusals and requests that could not be read are answered at once."""
         runnable, answered = [], []
-        for pending in batch:
-            if pending.images is None:  # answered already, or no longer wanted
-                answered.append(pending)
-            elif self.max_queue and admitted and admitted + len(pending.images) > self.max_queue:
-                pending.result = (None, Overloaded(f"more than {self.max_queue} images are waiting for the model"))
-                answered.append(pending)
-            else:
-                admitted += len(pending.images)
-                runnable.append(pending)
+        with self.lock:
+            for pending in batch:
+                if pending.images is None:  # answered already, or no longer wanted
+                    answered.append(pending)
+                elif self.max_queue and self.queued and self.queued + len(pending.images) > self.max_queue:
+                    pending.result = (None, Overloaded(f"more than {self.max_queue} images are waiting for the "
+                                                       "model"))
+                    answered.append(pending)
+                else:
+                    self.queued += len(pending.images)
+                    runnable.append(pending)
+            groups = groups_of(runnable, self.max_batch)
+            self.ready.extend(groups)
         self.deliver(answered)
-        for group in groups_of(runnable, self.max_batch):
-            # Requests that timed out, or whose clients left, while earlier groups ran: no model time for them.
-            group = [p for p in group if not p.future.done()]
-            if group:
-                self.run_group(group)
-                self.deliver(group)
+        if len(groups) > 1:  # more than this thread takes next: another model thread may run one meanwhile
+            self.wake.set()
+
+    def run_next_group(self) -> None:
+        with self.lock:
+            if not self.ready:  # another model thread took it
+                return
+            group = self.ready.popleft()
+            self.queued -= images_in(group)
+        # Requests that timed out, or whose clients left, while they waited: no model time for them.
+        group = [p for p in group if not p.future.done()]
+        if group:
+            self.run_group(group)
+            self.deliver(group)
 
     def run_group(self, group: list) -> None:
         started = time.perf_counter()
@@ -193,7 +218,8 @@ class MicroBatcher:
             for p in group:
                 p.result = (None, e)
             return
-        self.batches += 1
+        with self.lock:
+            self.batches += 1
         self.stats.batch(len(logits), time.perf_counter() - started)
         start = 0
         for p in group:
