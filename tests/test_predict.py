@@ -109,6 +109,19 @@ def test_prepared_images_look_like_mnist():
     assert images.to_mnist(np.zeros((28, 28), np.float32), "yes", (28, 28), 20).max() == 255
 
 
+def test_the_border_median_is_numpys_median():
+    """The polarity rule's median (a sort, for speed) is numpy's, odd and even lengths, ties and stacks alike."""
+    rng = np.random.default_rng(0)
+    for shape in [(108,), (3, 108), (4, 109), (1,), (2,)]:
+        for dtype in (np.float32, np.float64):
+            values = (rng.random(shape) * 255).astype(dtype)
+            values[..., : shape[-1] // 2] = 127.5  # ties across the middle
+            assert np.array_equal(images.median(values), np.median(values, axis=-1)), (shape, dtype)
+    light, dark = np.full((28, 28), 200, np.float32), np.full((28, 28), 50, np.float32)
+    assert images.light_background(light) and not images.light_background(dark)
+    assert list(images.light_background(np.stack([light, dark]))) == [True, False]
+
+
 def test_npy_and_idx_inputs(exported_model, test_digits, mnist_root, tmp_path):
     pixels, labels = test_digits
     np.save(tmp_path / "u8.npy", pixels[:5])

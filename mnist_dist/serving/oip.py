@@ -18,6 +18,7 @@ binary tensors: Triton's protocol/extension_binary_data.md.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +104,7 @@ def read_tensor(spec: dict, binary: bytes, contract: dict, max_images: int) -> n
     if shape[0] > max_images:
         raise BadRequest(f"{shape[0]} images; at most {max_images} per request", 413)
     dtype = np.dtype(INPUT_TYPES[datatype]).newbyteorder("<")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest("'parameters' must be an object")
