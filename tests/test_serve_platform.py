@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mnist_dist.bench.serve import peak_rss_mb
+from mnist_dist.bench.serve import answers_alone, encode, peak_rss_mb, run_clients
 from mnist_dist.data import mnist
 from mnist_dist.inference import predict
 from mnist_dist.inference.models import open_model
@@ -227,6 +227,19 @@ async def burst(app, requests: int, body: dict) -> list:
                 return response, time.perf_counter() - started
 
             return await asyncio.gather(*(timed() for _ in range(requests)))
+
+
+def test_the_load_generator_counts_every_answer_and_catches_wrong_ones(server, test_images):
+    url, _, pid = server
+    requests = [encode("oip-binary", pixels) for pixels in test_images[0][:8]]
+    right = answers_alone(url, "oip-binary", requests)
+    assert right == list(test_images[1][:8])  # the model reads these eight right
+    measured = run_clients(url, "oip-binary", requests, right, 4, 0.5, 0.2, pid)
+    assert measured["requests"] > 0 and measured["statuses"] == {"200": measured["requests"]}
+    assert measured["errors"] == 0 and measured["p50_ms"] > 0
+    assert measured["server_cpu_us_per_request"] > 0 and measured["load_generator_cpu_us_per_request"] > 0
+    wrong = run_clients(url, "oip-binary", requests, [(label + 1) % 10 for label in right], 4, 0.5, 0.2)
+    assert wrong["errors"] == wrong["requests"] > 0 and wrong["error_examples"] == ["wrong answer"]
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(exported_model, test_images):

@@ -8,18 +8,19 @@ encoded once, before the clock starts, so the load generator does the same
 small work per request for every row. It shares the machine with the server,
 as it would on a 2-core box; the bare endpoint (``bench.bare``: read the body,
 return a constant) measures the framework's ceiling under the same load, and
-the server's rows are read as shares of it. aiohttp drives the load: httpx's
-async client, measured side by side on /healthz, managed 304 requests/s at 32
-connections against aiohttp's 3,847.
+the server's rows are read as shares of it. ``bench.load`` drives the load:
+raw HTTP/1.1 on uvloop, a quarter of aiohttp's CPU a request (see there),
+since every core it takes is one the server under test loses; each row
+records what the generator and the server each spent a request.
 
-Rows: the bare endpoint; the server's /v1 API (one PNG as multipart), the Open
-Inference Protocol with binary and with JSON tensors; micro-batching off at 1
-client; ``--workers 2`` against 1; and an overload row, 256 clients against
+Rows: the bare endpoint, with one process and with two; the server's /v1 API
+(one PNG as multipart), the Open Inference Protocol with binary and with JSON
+tensors; micro-batching off at 1 client; ``--workers 2`` against 1 (and
+against the bare endpoint's two); and an overload row, 256 clients against
 ``--max-queue 64``, that counts 200/503/504 and the server's peak memory.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from PIL import Image
 
 from .. import sysinfo
 from ..data import mnist
+from .load import drive
 
 CLIENTS = (1, 8, 32)
 KINDS = ("v1-png", "oip-binary", "oip-json")
@@ -72,13 +74,14 @@ def encode(kind: str, pixels: np.ndarray) -> tuple:
     return "/v2/models/mnist/infer", {"Content-Type": "application/json"}, json.dumps({"inputs": [spec]}).encode()
 
 
-def prediction(kind: str, body: bytes, headers) -> int | None:
-    """The class the server answered, from any kind of response (None for the bare endpoint)."""
+def prediction(kind: str, body: bytes, split: int | None) -> int | None:
+    """The class the server answered, from any kind of response (None for the bare endpoint); ``split``: its
+    Inference-Header-Content-Length, if any."""
     if kind == "bare":
         return None
     if kind == "v1-png":
         return json.loads(body)["results"][0]["prediction"]
-    split = int(headers.get("Inference-Header-Content-Length", len(body)))
+    split = len(body) if split is None else split
     outputs = {o["name"]: o for o in json.loads(body[:split])["outputs"]}
     logits = outputs["logits"]
     if "data" in logits:
@@ -126,8 +129,9 @@ def start_server(model_dir, batching: bool = True, threads=None, src=None, extra
     return proc, url, wait_ready(url, "v2/health/ready" if src is None else "healthz", started)
 
 
-def start_bare() -> tuple:
-    proc, url, started = start([sys.executable, "-m", "mnist_dist.bench.bare", "--port", "0"])
+def start_bare(workers: int = 1) -> tuple:
+    proc, url, started = start([sys.executable, "-m", "mnist_dist.bench.bare", "--port", "0",
+                                "--workers", str(workers)])
     return proc, url, wait_ready(url, "echo", started)
 
 
@@ -139,65 +143,57 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
+def children_of(pid: int) -> list:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def tree_peak_rss_mb(pid: int) -> float:
     """The peak of a server and its worker processes, added up."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return peak_rss_mb(pid) + sum(peak_rss_mb(int(c)) for c in children)
+    return peak_rss_mb(pid) + sum(peak_rss_mb(c) for c in children_of(pid))
 
 
-async def run_clients(url: str, kind: str, requests: list, expected: list, clients: int, seconds: float,
-                      warmup: float) -> dict:
-    """Each client sends one request after another; latencies and statuses are kept only after the warm-up."""
-    import aiohttp
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a server and its worker processes have used so far."""
+    ticks = 0
+    for process in [pid, *children_of(pid)]:
+        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
-    latencies, statuses, errors = [], [], []
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(base_url=url, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=60)) as http:
-        started = time.perf_counter()
-        measure_from, stop_at = started + warmup, started + warmup + seconds
 
-        async def one_request(i: int) -> tuple:
-            path, headers, body = requests[i % len(requests)]
-            try:
-                async with http.post(path, data=body, headers=headers) as response:
-                    answer = await response.read()
-                    if response.status != 200:
-                        return response.status, ""
-                    got = prediction(kind, answer, response.headers)
-                    return 200, "" if got == expected[i % len(requests)] else "wrong answer"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                return 0, type(e).__name__
+def run_clients(url: str, kind: str, requests: list, expected: list, clients: int, seconds: float, warmup: float,
+                pid: int | None = None) -> dict:
+    """Each client sends one request after another; latencies and statuses are kept only after the warm-up. With
+    ``pid``, the server's CPU time (its workers' too) over the same time, per request."""
+    import uvloop
 
-        async def client(worker: int) -> None:
-            i = worker
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                status, error = await one_request(i)
-                if t0 >= measure_from:
-                    latencies.append((time.perf_counter() - t0, status))
-                    statuses.append(status)
-                    if error:
-                        errors.append(error)
-                i += clients
+    def check(i: int, status: int, body: bytes, split: int | None) -> str:
+        if status != 200:
+            return ""
+        return "" if prediction(kind, body, split) == expected[i % len(requests)] else "wrong answer"
 
-        await asyncio.gather(*(client(w) for w in range(clients)))
-    ok = np.array([t for t, status in latencies if status == 200] or [np.nan])
+    meters = {"server": lambda: tree_cpu_s(pid)} if pid else {}
+    tally = uvloop.run(drive(url, requests, check, clients, seconds, warmup, meters))
+    statuses = [status for _, status in tally.latencies]
+    ok = np.array([t for t, status in tally.latencies if status == 200] or [np.nan])
     counts = {str(s): statuses.count(s) for s in sorted(set(statuses))}
-    return {"kind": kind, "clients": clients, "requests": len(latencies), "seconds": seconds,
-            "requests_per_s": counts.get("200", 0) / seconds, "p50_ms": 1e3 * float(np.percentile(ok, 50)),
-            "p90_ms": 1e3 * float(np.percentile(ok, 90)), "p99_ms": 1e3 * float(np.percentile(ok, 99)),
-            "statuses": counts, "errors": len(errors) + sum(n for s, n in counts.items() if s != "200"),
-            "error_examples": sorted(set(errors))[:5]}
+    answered = max(1, len(statuses))
+    row = {"kind": kind, "clients": clients, "requests": len(statuses), "seconds": seconds,
+           "requests_per_s": counts.get("200", 0) / seconds, "p50_ms": 1e3 * float(np.percentile(ok, 50)),
+           "p90_ms": 1e3 * float(np.percentile(ok, 90)), "p99_ms": 1e3 * float(np.percentile(ok, 99)),
+           "statuses": counts, "errors": len(tally.errors) + sum(n for s, n in counts.items() if s != "200"),
+           "error_examples": sorted(set(tally.errors))[:5]}
+    row.update({f"{name}_cpu_us_per_request": 1e6 * spent / answered for name, spent in tally.cpu_s.items()})
+    return row
 
 
 def load(url: str, kind: str, pixels: np.ndarray, clients, seconds: float, warmup: float, label: dict,
-         log) -> list:
+         log, pid: int | None = None) -> list:
     requests = [encode(kind, p) for p in pixels]
     expected = [None] * len(requests) if kind == "bare" else answers_alone(url, kind, requests)
     rows = []
     for n in clients:
-        row = asyncio.run(run_clients(url, kind, requests, expected, n, seconds, warmup))
+        row = run_clients(url, kind, requests, expected, n, seconds, warmup, pid)
         row.update(label)
         rows.append(row)
         log(f"{row['server']}, {kind}, batching {'on' if row['batching'] else 'off'}, {row['workers']} worker(s), "
@@ -210,7 +206,8 @@ def answers_alone(url: str, kind: str, requests: list) -> list:
     answers = []
     for path, headers, body in requests:
         response = httpx.post(url + path.lstrip("/"), content=body, headers=headers, timeout=30)
-        answers.append(prediction(kind, response.content, response.headers))
+        split = response.headers.get("inference-header-content-length")
+        answers.append(prediction(kind, response.content, None if split is None else int(split)))
     return answers
 
 
@@ -227,7 +224,7 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
             idle_mb = tree_peak_rss_mb(proc.pid)
             for kind, counts in plan:
                 label = {"server": name, "batching": batching, "workers": workers}
-                results.extend(load(url, kind, pixels, counts, seconds, warmup, label, log))
+                results.extend(load(url, kind, pixels, counts, seconds, warmup, label, log, proc.pid))
             startup.append({"server": name, "batching": batching, "workers": workers, "ready_s": ready_s,
                             "idle_rss_mb": idle_mb, "peak_rss_mb": tree_peak_rss_mb(proc.pid)})
             return {} if name == "bare FastAPI" else httpx.get(url + "v1/model").json()
@@ -236,6 +233,7 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
             proc.wait(timeout=60)
 
     measured(start_bare(), "bare FastAPI", [("bare", clients)])
+    measured(start_bare(workers=2), "bare FastAPI", [("bare", [max(clients)])], workers=2)
     if baseline_src:
         measured(start_server(model_dir, True, threads, baseline_src), "baseline", [("v1-png", clients)])
     info = measured(start_server(model_dir, True, threads), "mnist-dist", [(kind, clients) for kind in KINDS])
@@ -245,8 +243,8 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
              [("oip-binary", [max(clients)]), ("v1-png", [max(clients)])], workers=2)
     overload = overload_row(model_dir, pixels, seconds, warmup, threads, log)
     return {"benchmark": "serve", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
-            "versions": sysinfo.versions("torch", "onnxruntime", "fastapi", "starlette", "uvicorn", "aiohttp", "numpy",
-                                         "prometheus-client"),
+            "versions": sysinfo.versions("torch", "onnxruntime", "fastapi", "starlette", "uvicorn", "uvloop",
+                                         "httptools", "numpy", "prometheus-client"),
             "settings": {"model_dir": str(model_dir), "runtime": info["runtime"], "clients": list(clients),
                          "seconds": seconds, "warmup_s": warmup, "max_batch": info["batching"]["max_batch"],
                          "max_wait_ms": info["batching"]["max_wait_ms"],
@@ -255,7 +253,8 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
                                     "(oip-binary: raw bytes after the JSON header; oip-json: a JSON list)",
                          "ready": "seconds from the server process's start to its first ready answer",
                          "peak_rss": "VmHWM of the server process (and its workers, added up)",
-                         "load_generator": "aiohttp in one process on the same machine, loopback"},
+                         "load_generator": "bench.load: raw HTTP/1.1 on uvloop, in one process on the same "
+                                           "machine, loopback; its CPU per request is in each row"},
             "results": results, "startup": startup, "overload": overload}
 
 
@@ -265,7 +264,7 @@ def overload_row(model_dir, pixels, seconds, warmup, threads, log) -> dict:
     try:
         idle_mb = peak_rss_mb(proc.pid)
         label = {"server": "mnist-dist", "batching": True, "workers": 1, "max_queue": OVERLOAD["max_queue"]}
-        row = load(url, "oip-binary", pixels, [OVERLOAD["clients"]], seconds, warmup, label, log)[0]
+        row = load(url, "oip-binary", pixels, [OVERLOAD["clients"]], seconds, warmup, label, log, proc.pid)[0]
         row.update(idle_rss_mb=idle_mb, peak_rss_mb=peak_rss_mb(proc.pid))
         total = max(1, row["requests"])
         row["shares"] = {status: n / total for status, n in row["statuses"].items()}
@@ -295,8 +294,11 @@ def ratios(report: dict) -> dict:
 
     top = max(report["settings"]["clients"])
     bare, bare_p99 = rate("bare", top), rate("bare", top, field="p99_ms")
+    bare_2 = rate("bare", top, workers=2)
     return {f"oip-binary / bare at {top} clients": rate("oip-binary", top) / bare,
             f"v1-png / bare at {top} clients": rate("v1-png", top) / bare,
+            f"2 workers each: oip-binary / bare at {top} clients": rate("oip-binary", top, workers=2) / bare_2,
+            f"2 workers each: v1-png / bare at {top} clients": rate("v1-png", top, workers=2) / bare_2,
             f"oip-binary p99 / bare p99 at {top} clients": rate("oip-binary", top, field="p99_ms") / bare_p99,
             f"v1-png p99 / bare p99 at {top} clients": rate("v1-png", top, field="p99_ms") / bare_p99,
             "v1-png at 1 client, batching on / off": rate("v1-png", 1) / rate("v1-png", 1, False),
