@@ -306,15 +306,21 @@ def ratios(report: dict) -> dict:
             f"oip-binary at {top} clients, 2 workers / 1": rate("oip-binary", top, workers=2) / rate("oip-binary", top)}
 
 
+def cpu_cell(row: dict, meter: str) -> str:
+    value = row.get(f"{meter}_cpu_us_per_request")
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def readme_table(reports: list) -> str:
-    lines = ["| machine | server | request | batching | workers | clients | requests/s | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| machine | server | request | batching | workers | clients | requests/s | p50 ms | p99 ms | errors "
+             "| server CPU us/request | load generator CPU us/request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         for r in report["results"]:
             lines.append(f"| {machine_name(report)} | {r.get('server', r.get('variant', '-'))} | "
                          f"{r.get('kind', 'v1-png')} | {'on' if r['batching'] else 'off'} | {r.get('workers', 1)} | "
                          f"{r['clients']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                         f"{r['errors']} |")
+                         f"{r['errors']} | {cpu_cell(r, 'server')} | {cpu_cell(r, 'load_generator')} |")
     measured = [r for r in reports if "overload" in r]
     if measured:
         lines += ["", "| machine | ratio (same run) | value |", "|---|---|---|"]
