@@ -37,6 +37,7 @@ from PIL import Image
 from .. import sysinfo
 from ..data import mnist
 from .load import drive
+from .predict import cpu_seconds
 
 CLIENTS = (1, 8, 32)
 KINDS = ("v1-png", "oip-binary", "oip-json")
@@ -154,11 +155,7 @@ def tree_peak_rss_mb(pid: int) -> float:
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user and system) a server and its worker processes have used so far."""
-    ticks = 0
-    for process in [pid, *children_of(pid)]:
-        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(process) for process in [pid, *children_of(pid)])
 
 
 def run_clients(url: str, kind: str, requests: list, expected: list, clients: int, seconds: float, warmup: float,

@@ -254,7 +254,7 @@ class BusyRoutes:
 
         async def infer(request: Request, body: bytes) -> Answer:
             known_model(request, model_name)
-            job = InferJob(body, header_value(request.scope, b"inference-header-content-length"),
+            job = InferJob(body, request.headers.get("inference-header-content-length"),
                            request.app.state.served.model.manifest, model_name)
             payload, header_size = await answer_of(request, job)
             assert job.request is not None  # prepared, since it was answered
@@ -307,14 +307,6 @@ async def read_body(receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def header_value(scope, name: bytes) -> str | None:
-    """A request header (its name in lower case), read straight from the scope."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def document_busy_routes(app: FastAPI, model_name: str) -> None:

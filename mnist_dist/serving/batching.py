@@ -18,9 +18,9 @@ Backpressure: at most ``max_queue`` images wait for the model (prepared,
 and not yet taken by a model thread). Images prepared past it are refused
 (``Overloaded``: the server answers 503 with Retry-After) instead of joining
 a queue that only grows; a request larger than the bound is taken only first
-in line. A request that waits longer than
-its time-out is dropped (``asyncio.TimeoutError``: 504) and costs no model
-time if it has not run yet.
+in line. A request that waits longer than its time-out is dropped
+(``asyncio.TimeoutError``: 504) and costs no model time if it has not run
+yet.
 """
 from __future__ import annotations
 
