@@ -23,6 +23,7 @@ from mnist_dist.data import mnist
 from mnist_dist.inference import predict
 from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
+from mnist_dist.serving.batching import Job, MicroBatcher
 
 from conftest import calibrated_softmax, start_server
 
@@ -272,6 +273,55 @@ def test_model_threads_run_batches_side_by_side(exported_model, test_images):
     assert [a.status_code for a, _ in answers] == [200, 200]
     # One model thread would answer the second after both runs (1 s); two run them together.
     assert len(app.state.batcher.threads) == 2 and max(seconds for _, seconds in answers) < 0.9
+
+
+class Timed(Job):
+    """A job whose Python work takes a while (with the GIL released, as numpy and Pillow release it), timed."""
+
+    def __init__(self, spans: list):
+        self.spans = spans
+
+    def prepare(self) -> np.ndarray:
+        with timed(self.spans, "python"):
+            time.sleep(0.03)
+        return np.zeros((1, 1, 28, 28), np.float32)
+
+    def finish(self, logits: np.ndarray):
+        with timed(self.spans, "python"):
+            time.sleep(0.03)
+        return logits.argmax(1).tolist()
+
+
+@contextlib.contextmanager
+def timed(spans: list, kind: str):
+    start = time.perf_counter()
+    yield
+    spans.append((kind, start, time.perf_counter()))
+
+
+def test_model_threads_take_turns_at_python_and_run_the_model_together():
+    spans: list = []
+
+    def model(batch):
+        with timed(spans, "model"):
+            time.sleep(0.2)
+        return np.zeros((len(batch), 10), np.float32)
+
+    async def four_jobs():
+        batcher = MicroBatcher(model, max_batch=1, threads=2)
+        await batcher.start()
+        answers = await asyncio.gather(*(batcher(Timed(spans)) for _ in range(4)))
+        await batcher.stop()
+        return answers
+
+    assert asyncio.run(four_jobs()) == [[0]] * 4
+    python = sorted((start, end) for kind, start, end in spans if kind == "python")
+    model_runs = sorted((start, end) for kind, start, end in spans if kind == "model")
+    assert len(python) == 8 and len(model_runs) == 4
+    # Never two threads in Python at once (they would hand the GIL to each other at every release), while the
+    # model runs of both threads overlap, and overlap the other thread's Python.
+    assert all(earlier[1] <= later[0] for earlier, later in zip(python, python[1:]))
+    assert any(earlier[1] > later[0] for earlier, later in zip(model_runs, model_runs[1:]))
 
 
 def test_sigterm_answers_every_request_in_flight_then_exits_0(exported_model, test_images):
