@@ -17,6 +17,8 @@ from PIL import Image
 
 from mnist_dist.inference import predict
 from mnist_dist.serving.app import ServeOptions, create_app, load
+from mnist_dist.serving.errors import BadRequest
+from mnist_dist.serving.forms import parse_form
 
 from conftest import run, start_server, write_test_pngs
 
@@ -83,6 +85,39 @@ def test_a_bad_image_among_good_ones_gets_its_own_row(client, test_pngs):
     a, b, c = response.json()["results"]
     assert a["prediction"] == c["prediction"] is not None and a["error"] == c["error"] == ""
     assert b["prediction"] is None and b["error"].startswith("not a readable image")
+
+
+def test_multipart_forms_are_read_as_clients_write_them():
+    png = png_bytes(np.arange(784, dtype=np.uint8).reshape(28, 28))
+    files = [("file", ("a.png", png)), ("file", ('b "quoted".png', b"")), ("file", ("名前.png", b"\r\n--x\r\n")),
+             ("other", ("c.bin", b"3" * 5000))]
+    sent = httpx.Request("POST", "http://x/", files=files, data={"file": "a text field", "note": "hi"})
+    parts = parse_form(sent.read(), sent.headers["content-type"], max_parts=10)
+    assert [(p.name, p.filename, p.data) for p in parts] == [
+        ("file", None, b"a text field"), ("note", None, b"hi"), ("file", "a.png", png),
+        ("file", 'b %22quoted%22.png', b""), ("file", "名前.png", b"\r\n--x\r\n"), ("other", "c.bin", b"3" * 5000)]
+    # RFC 2046: a preamble and an epilogue are ignored; white space may pad a boundary line.
+    padded = (b"preamble\r\n--b \t\r\nContent-Disposition: form-data; name=file; filename=d.png\r\n"
+              b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--b--\r\nepilogue")
+    assert [(p.name, p.filename, p.data) for p in parse_form(padded, "multipart/form-data; boundary=b", 10)] == [
+        ("file", "d.png", png)]
+    assert parse_form(b"--b--\r\n", "multipart/form-data; boundary=b", 10) == []
+
+
+@pytest.mark.parametrize("body, content_type, status, error", [
+    (b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nx", "boundary=b", 400, "no closing boundary"),
+    (b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n--b--", "", 400, "no boundary"),
+    (b"--bX\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n--b--", "boundary=b", 400, "after a boundary"),
+    (b"--b\r\nContent-Disposition: form-data; name=a\r\nx\r\n--b--", "boundary=b", 400, "headers never end"),
+    (b"--b\r\nno colon\r\n\r\nx\r\n--b--", "boundary=b", 400, "without a colon"),
+    (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--", "boundary=b", 400, "no name"),
+    (b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n" * 3 + b"--b--", "boundary=b", 413,
+     "more than 2 parts"),
+], ids=["unclosed", "no boundary", "text after a boundary", "endless headers", "no colon", "no name", "too many parts"])
+def test_unreadable_forms_are_the_clients_error(body, content_type, status, error):
+    with pytest.raises(BadRequest) as refused:
+        parse_form(body, f"multipart/form-data; {content_type}", max_parts=2)
+    assert refused.value.status == status and error in str(refused.value)
 
 
 def bad_requests(good_png: bytes) -> list:

