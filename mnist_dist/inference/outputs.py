@@ -20,26 +20,28 @@ COLUMNS = ("input", "prediction", "confidence", "top3", "error")
 def rows_for(items: list, good: list, logits, manifest: dict, probabilities: bool = False) -> list:
     """One row per item, in order: the model's answer for the good ones, the error for the others.
     With ``probabilities``, each row also carries all of them, one per class."""
-    classes = manifest["classes"]
-    scores = np.zeros((len(items), len(classes)))
-    if good:
-        scores[good] = manifest_lib.probabilities(logits, manifest)
-    # The top three of every row at once, then plain Python numbers: per row, numpy calls cost more than the work.
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
-    top_scores = np.take_along_axis(scores, top, axis=1).tolist()
-    names = [int(c) for c in classes]
-    rows = [make_row(item, [names[c] for c in top_row], p) for item, top_row, p in zip(items, top.tolist(), top_scores)]
-    if probabilities:
-        rows = [{**row, "probabilities": None if row["error"] else scores[i].tolist()} for i, row in enumerate(rows)]
+    names = [int(c) for c in manifest["classes"]]
+    scores = manifest_lib.probabilities(logits, manifest) if good else np.zeros((0, len(names)))
+    # The three best of every row at once (ties: the lower class first), then plain Python numbers: per row,
+    # numpy calls cost more than the work they do.
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :3].tolist()
+    answers = iter(zip(scores.tolist(), best))
+    rows = []
+    for item in items:
+        p, top = (None, None) if item.error else next(answers)
+        row = make_row(item, names, p, top)
+        if probabilities:
+            row["probabilities"] = p
+        rows.append(row)
     return rows
 
 
-def make_row(item: Item, top_classes: list, top_scores: list) -> dict:
+def make_row(item: Item, names: list, p: list | None, top: list | None) -> dict:
     """predict's output row: the best class and its probability, the three best, or the item's error."""
-    if item.error:
+    if p is None or top is None:
         return {"input": item.name, "prediction": None, "confidence": None, "top3": [], "error": item.error}
-    return {"input": item.name, "prediction": top_classes[0], "confidence": top_scores[0],
-            "top3": [[c, p] for c, p in zip(top_classes, top_scores)], "error": ""}
+    return {"input": item.name, "prediction": names[top[0]], "confidence": p[top[0]],
+            "top3": [[names[c], p[c]] for c in top], "error": ""}
 
 
 FORMATS = (".csv", ".json", ".jsonl", ".parquet")
