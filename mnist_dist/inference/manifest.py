@@ -50,7 +50,8 @@ def model_input(pixels, contract: dict) -> np.ndarray:
     pixels = np.asarray(pixels)
     if pixels.ndim == 3:
         pixels = pixels[:, None]
-    return np.ascontiguousarray(pixels.astype(np.float32) * np.float32(contract["input"]["scale"]))
+    # One pass over float32 pixels (no copy first): each pass over an image also hands the GIL over in a server.
+    return np.multiply(pixels, np.float32(contract["input"]["scale"]), dtype=np.float32, order="C")
 
 
 def temperature(manifest: dict) -> float:
