@@ -13,7 +13,7 @@ from .errors import UserError
 # extra -> the modules it installs that mnist-dist imports (import names, not distribution names)
 EXTRAS = {
     "train": ("torch", "torchvision", "accelerate", "onnx", "onnxscript", "matplotlib"),
-    "serve": ("fastapi", "uvicorn", "multipart"),
+    "serve": ("fastapi", "uvicorn", "multipart", "prometheus_client", "orjson"),
     "openvino": ("openvino",),
     "parquet": ("pyarrow",),
     # Storage: predict's inputs and --out as URLs (fsspec, in the base install, names these packages itself).

@@ -130,6 +130,8 @@ def bad_requests(good_png: bytes) -> list:
         ("JSON out of range", {"json": {"images": [[[300] * 28] * 28]}}, 422),
         ("JSON not numbers", {"json": {"images": [[["a"] * 28] * 28]}}, 422),
         ("invalid JSON", {"content": b"{images:", "headers": {"content-type": "application/json"}}, 422),
+        ("JSON nested deeply", {"content": b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                "headers": {"content-type": "application/json"}}, 422),
         ("JSON without images", {"json": {"pictures": []}}, 422),
         ("empty image list", {"json": {"images": []}}, 422),
         ("body over the limit", big, 413),

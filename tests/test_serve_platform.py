@@ -128,6 +128,9 @@ def test_uint8_pixels_nested_json_and_spec_errors(server, test_images):
     for body, status in bad:
         response = httpx.post(url + INFER, json=body)
         assert response.status_code == status and "\n" not in response.json()["error"], body
+    deep = httpx.post(url + INFER, content=b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                      headers={"content-type": "application/json"})
+    assert deep.status_code == 400 and "\n" not in deep.json()["error"]  # Python's json module: RecursionError, 500
     assert httpx.post(url + "v2/models/other/infer", json=nested).status_code == 404
     assert httpx.get(url + "v2/models/other").status_code == 404
 

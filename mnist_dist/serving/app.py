@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
-import json
 import os
 import re
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -396,9 +396,9 @@ class PredictJob(Job):
         rows = outputs.rows_for(self.items, self.good, logits if self.good else None, manifest, probabilities=True)
         results = [with_seen_image(row, item) if self.with_image else row for row, item in zip(rows, self.items)]
         if self.good:
-            return json.dumps({"results": results}).encode()
+            return orjson.dumps({"results": results})
         error = results[0]["error"] if len(results) == 1 else f"none of the {len(results)} images could be read"
-        return json.dumps({"error": error, "results": results}).encode()
+        return orjson.dumps({"error": error, "results": results})
 
 
 def uploaded_items(body: bytes, content_type: str, framing: Framing, max_pixels: int) -> list:
@@ -418,8 +418,8 @@ def uploaded_items(body: bytes, content_type: str, framing: Framing, max_pixels:
 
 def json_items(body: bytes, framing: Framing) -> list:
     try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON", 422) from None
     images = parsed.get("images") if isinstance(parsed, dict) else None
     if not isinstance(images, list) or not images:

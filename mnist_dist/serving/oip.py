@@ -17,12 +17,12 @@ binary tensors: Triton's protocol/extension_binary_data.md.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..inference import manifest as manifest_lib
 from .errors import BadRequest
@@ -82,8 +82,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple:
 
 def decode_json(header: bytes) -> dict:
     try:
-        request = json.loads(header)
-    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        request = orjson.loads(header)
+    except orjson.JSONDecodeError:
         raise BadRequest("the request is not valid JSON") from None
     if not isinstance(request, dict):
         raise BadRequest("the request must be a JSON object")
@@ -183,7 +183,7 @@ def encode_infer(model_name: str, request: InferRequest, logits: np.ndarray, pro
     answer: dict = {"model_name": model_name, "model_version": "1", "outputs": described}
     if request.id is not None:
         answer["id"] = request.id
-    header = json.dumps(answer, separators=(",", ":")).encode()
+    header = orjson.dumps(answer)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
