@@ -23,7 +23,7 @@ from mnist_dist.data import mnist
 from mnist_dist.inference import predict
 from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
-from mnist_dist.serving.batching import Job, MicroBatcher
+from mnist_dist.serving.batching import Doorbell, Job, MicroBatcher
 
 from conftest import calibrated_softmax, start_server
 
@@ -278,6 +278,30 @@ def test_model_threads_run_batches_side_by_side(exported_model, test_images):
     assert len(app.state.batcher.threads) == 2 and max(seconds for _, seconds in answers) < 0.9
 
 
+def test_a_ring_wakes_one_idle_model_thread_and_work_already_there_is_not_slept_through():
+    doorbell, woke = Doorbell(), []
+
+    def idle(name):
+        doorbell.wait(threading.Event(), lambda: False)
+        woke.append(name)
+
+    threads = [threading.Thread(target=idle, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    while len(doorbell.idle) < 2:
+        time.sleep(0.001)
+    doorbell.ring()
+    time.sleep(0.2)
+    assert len(woke) == 1  # threading.Event would have woken both
+    doorbell.ring()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(woke) == ["a", "b"] and not doorbell.idle
+    started = time.perf_counter()
+    doorbell.wait(threading.Event(), lambda: True, timeout=5)  # ready before the wait: no wait at all
+    assert time.perf_counter() - started < 1 and not doorbell.idle
+
+
 class Timed(Job):
     """A job whose Python work takes a while (with the GIL released, as numpy and Pillow release it), timed."""
 
@@ -423,7 +447,7 @@ def test_not_ready_once_the_batcher_has_died(exported_model, test_images):
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 before = (await client.get("/v2/health/ready")).status_code
                 app.state.batcher.stopping = True  # as if a model thread had failed
-                app.state.batcher.wake.set()
+                app.state.batcher.doorbell.ring_all()
                 for thread in app.state.batcher.threads:
                     await asyncio.to_thread(thread.join, 5)
                 after = (await client.get("/v2/health/ready")).status_code

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 
@@ -75,13 +76,41 @@ class Pending:
         self.result: tuple = (None, None)  # (answer, exception)
 
 
+class Doorbell:
+    """Wakes one idle model thread per ring. threading.Event wakes every thread waiting on it: at one request at a
+    time the other model thread woke for nothing, which cost more CPU than the request itself (measured: 1,650 us
+    against 1,320 a request with one model thread)."""
+
+    def __init__(self) -> None:
+        self.idle: collections.deque = collections.deque()  # the events of the threads waiting now
+
+    def ring(self) -> None:
+        if self.idle:  # none idle: each busy thread looks for work before it waits again
+            with contextlib.suppress(IndexError):  # another ring took the last one meanwhile
+                self.idle.popleft().set()
+
+    def ring_all(self) -> None:
+        while self.idle:
+            self.ring()
+
+    def wait(self, event: threading.Event, ready, timeout: float | None = None) -> None:
+        """Wait on this thread's own ``event`` until a ring (or ``timeout``), unless ``ready()`` already: checked
+        after the thread is listed as idle, so that work that came just before is not slept through."""
+        event.clear()
+        self.idle.append(event)
+        if not ready():
+            event.wait(timeout)
+        with contextlib.suppress(ValueError):  # not rung (ready, or timed out): no longer idle
+            self.idle.remove(event)
+
+
 class MicroBatcher:
     def __init__(self, run, max_batch: int = 64, max_wait: float = 0.0, max_queue: int | None = None,
                  stats=None, threads: int = 1):
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
         self.stats = stats or NoStats()
         self.waiting: collections.deque = collections.deque()
-        self.wake = threading.Event()
+        self.doorbell = Doorbell()
         self.threads = [threading.Thread(target=self.serve_forever, name=f"batcher-{i}", daemon=True)
                         for i in range(threads)]
         self.stopping = False
@@ -107,7 +136,7 @@ class MicroBatcher:
 
     async def stop(self) -> None:
         self.stopping = True
-        self.wake.set()
+        self.doorbell.ring_all()
         for thread in self.threads:
             if thread.is_alive():
                 await asyncio.to_thread(thread.join)
@@ -119,8 +148,7 @@ class MicroBatcher:
         assert self.loop is not None
         pending = Pending(job, self.loop.create_future())
         self.waiting.append(pending)  # deque appends and pops are atomic: the thread takes from the other end
-        if not self.wake.is_set():  # set() takes a lock; while the batcher has not yet woken, once is enough
-            self.wake.set()
+        self.doorbell.ring()
         if timeout is None:
             return await pending.future
         # A timer on the future itself: asyncio.wait_for would make a task for every request.
@@ -133,17 +161,17 @@ class MicroBatcher:
     # --- on the model threads -----------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        woken = threading.Event()  # this thread's own: see Doorbell
         try:
             while not self.stopping:
-                self.wake.wait()
-                self.wake.clear()
+                self.doorbell.wait(woken, lambda: bool(self.waiting or self.ready or self.stopping))
                 while (self.waiting or self.ready) and not self.stopping:
                     if self.waiting:
                         self.admit(self.next_batch())
                     self.run_next_group()
         finally:  # stopped (or broken): nobody may wait for an answer that cannot come
             self.stopping = True
-            self.wake.set()  # the other model threads stop too
+            self.doorbell.ring_all()  # the other model threads stop too
             with self.lock:
                 left = self.take_all() + [pending for group in self.ready for pending in group]
                 self.ready.clear()
@@ -161,10 +189,10 @@ class MicroBatcher:
         """Every job waiting, prepared; more, for up to ``max_wait``, while fewer than ``max_batch`` images."""
         batch = self.prepare_all(self.take_all())
         deadline = time.perf_counter() + self.max_wait
+        woken = threading.Event()
         while self.max_wait and images_in(batch) < self.max_batch and time.perf_counter() < deadline:
-            if self.wake.wait(deadline - time.perf_counter()):
-                self.wake.clear()
-                batch += self.prepare_all(self.take_all())
+            self.doorbell.wait(woken, lambda: bool(self.waiting or self.stopping), deadline - time.perf_counter())
+            batch += self.prepare_all(self.take_all())
         return batch
 
     def prepare_all(self, pendings: list) -> list:
@@ -205,7 +233,7 @@ class MicroBatcher:
             self.ready.extend(groups)
         self.deliver(answered)
         if len(groups) > 1:  # more than this thread takes next: another model thread may run one meanwhile
-            self.wake.set()
+            self.doorbell.ring()
 
     def run_next_group(self) -> None:
         with self.lock:
