@@ -19,15 +19,17 @@ from mnist_dist.bench.serve import CLIENTS, benchmark
               help="Comma-separated numbers of concurrent clients.")
 @click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Measured time per setting, after a one-second warm-up.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Times each setting is measured, the settings taking turns; each row is its median round.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The server's --threads.")
 @click.option("--baseline-src", type=click.Path(exists=True, file_okay=False),
-              help="A checkout of an earlier mnist-dist whose server runs first, for comparison.")
+              help="A checkout of an earlier mnist-dist whose server runs beside this one, for comparison.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here.")
-def main(model_dir, clients, seconds, threads, baseline_src, json_path):
+def main(model_dir, clients, seconds, rounds, threads, baseline_src, json_path):
     if json_path:
         atomic.check_output_file(json_path, "--json")
     report = benchmark(model_dir, [int(c) for c in clients.split(",")], seconds, threads=threads,
-                       baseline_src=baseline_src, log=click.echo)
+                       baseline_src=baseline_src, log=click.echo, rounds=rounds)
     if json_path:
         atomic.write_json(json_path, report)
         click.echo(f"Wrote {json_path}")

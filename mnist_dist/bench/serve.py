@@ -1,9 +1,13 @@
 """Load benchmark of `mnist-dist serve` on loopback, beside a bare FastAPI endpoint, in one run.
 
-Every server is a fresh process, started as users start it. Then 1, 8 and 32
-concurrent clients (asyncio, one keep-alive connection each, in this process)
-send one-image requests for a fixed time after a warm-up; every answer is
-checked against the image's label as the server gave it alone. Requests are
+Every server is a fresh process, started as users start it, and all of them
+run side by side. Then 1, 8 and 32 concurrent clients (asyncio, one keep-alive
+connection each, in this process) send one-image requests for a fixed time
+after a warm-up; every answer is checked against the image's label as the
+server gave it alone. The settings take turns, server after server, for
+several rounds, and each row is the round with the median throughput: on a
+shared machine one measurement of a setting can be a third off the next, and
+a ratio of two single measurements is no ratio at all. Requests are
 encoded once, before the clock starts, so the load generator does the same
 small work per request for every row. It shares the machine with the server,
 as it would on a 2-core box; the bare endpoint (``bench.bare``: read the body,
@@ -209,50 +213,77 @@ def answers_alone(url: str, kind: str, requests: list) -> list:
 
 
 def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 1.0, threads=None,
-              baseline_src=None, log=print) -> dict:
+              baseline_src=None, log=print, rounds: int = 3) -> dict:
     pixels, _ = test_digits()
-    results, startup = [], []
-
-    def measured(server: tuple, name: str, plan: list, batching=True, workers=1) -> dict:
-        """Load one fresh server (process, URL, seconds to ready) as ``plan`` says; returns its /v1/model (the bare
-        endpoint: {})."""
-        proc, url, ready_s = server
-        try:
-            idle_mb = tree_peak_rss_mb(proc.pid)
-            for kind, counts in plan:
-                label = {"server": name, "batching": batching, "workers": workers}
-                results.extend(load(url, kind, pixels, counts, seconds, warmup, label, log, proc.pid))
-            startup.append({"server": name, "batching": batching, "workers": workers, "ready_s": ready_s,
-                            "idle_rss_mb": idle_mb, "peak_rss_mb": tree_peak_rss_mb(proc.pid)})
-            return {} if name == "bare FastAPI" else httpx.get(url + "v1/model").json()
-        finally:
+    runs: list = []  # (server, label, [(kind, clients)]): every server running, as they are measured in turn
+    try:
+        runs.append((start_bare(), {"server": "bare FastAPI"}, [("bare", n) for n in clients]))
+        runs.append((start_bare(workers=2), {"server": "bare FastAPI", "workers": 2}, [("bare", max(clients))]))
+        if baseline_src:
+            runs.append((start_server(model_dir, True, threads, baseline_src), {"server": "baseline"},
+                         [("v1-png", n) for n in clients]))
+        runs.append((start_server(model_dir, True, threads), {"server": "mnist-dist"},
+                     [(kind, n) for kind in KINDS for n in clients]))
+        runs.append((start_server(model_dir, False, threads), {"server": "mnist-dist", "batching": False},
+                     [("v1-png", 1), ("oip-binary", 1)]))
+        runs.append((start_server(model_dir, True, threads, extra=["--workers", "2"]),
+                     {"server": "mnist-dist", "workers": 2}, [("oip-binary", max(clients)), ("v1-png", max(clients))]))
+        results, startup, info = in_rounds(runs, pixels, seconds, warmup, rounds, log)
+    finally:
+        for (proc, _, _), _, _ in runs:
             proc.terminate()
             proc.wait(timeout=60)
-
-    measured(start_bare(), "bare FastAPI", [("bare", clients)])
-    measured(start_bare(workers=2), "bare FastAPI", [("bare", [max(clients)])], workers=2)
-    if baseline_src:
-        measured(start_server(model_dir, True, threads, baseline_src), "baseline", [("v1-png", clients)])
-    info = measured(start_server(model_dir, True, threads), "mnist-dist", [(kind, clients) for kind in KINDS])
-    measured(start_server(model_dir, False, threads), "mnist-dist", [("v1-png", [1]), ("oip-binary", [1])],
-             batching=False)
-    measured(start_server(model_dir, True, threads, extra=["--workers", "2"]), "mnist-dist",
-             [("oip-binary", [max(clients)]), ("v1-png", [max(clients)])], workers=2)
     overload = overload_row(model_dir, pixels, seconds, warmup, threads, log)
     return {"benchmark": "serve", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
             "versions": sysinfo.versions("torch", "onnxruntime", "fastapi", "starlette", "uvicorn", "uvloop",
-                                         "httptools", "numpy", "prometheus-client"),
+                                         "httptools", "numpy", "prometheus-client", "orjson"),
             "settings": {"model_dir": str(model_dir), "runtime": info["runtime"], "clients": list(clients),
-                         "seconds": seconds, "warmup_s": warmup, "max_batch": info["batching"]["max_batch"],
-                         "max_wait_ms": info["batching"]["max_wait_ms"],
+                         "seconds": seconds, "warmup_s": warmup, "rounds": rounds,
+                         "max_batch": info["batching"]["max_batch"], "max_wait_ms": info["batching"]["max_wait_ms"],
                          "baseline": str(baseline_src) if baseline_src else None,
                          "request": "one 28x28 image: a PNG as multipart (v1-png and bare), FP32 [1,1,28,28] "
                                     "(oip-binary: raw bytes after the JSON header; oip-json: a JSON list)",
+                         "row": "of each setting's rounds (all servers running, the settings in turn), the one with "
+                                "the median requests/s; requests_per_s_rounds lists them all",
                          "ready": "seconds from the server process's start to its first ready answer",
                          "peak_rss": "VmHWM of the server process (and its workers, added up)",
                          "load_generator": "bench.load: raw HTTP/1.1 on uvloop, in one process on the same "
                                            "machine, loopback; its CPU per request is in each row"},
             "results": results, "startup": startup, "overload": overload}
+
+
+def in_rounds(runs: list, pixels: np.ndarray, seconds: float, warmup: float, rounds: int, log) -> tuple:
+    """(result rows, start-up rows, the server's /v1/model) of the settings of every running server, measured in
+    turn ``rounds`` times; each row is its setting's median round."""
+    requests = {kind: [encode(kind, p) for p in pixels] for kind in ("bare", *KINDS)}
+    expected = {}
+    for i, ((_, url, _), _, plan) in enumerate(runs):
+        for kind in {kind for kind, _ in plan}:
+            expected[i, kind] = [None] * len(pixels) if kind == "bare" else answers_alone(url, kind, requests[kind])
+    idle_mb = [tree_peak_rss_mb(proc.pid) for (proc, _, _), _, _ in runs]
+    measured: dict = {}
+    for round_ in range(rounds):
+        for i, ((proc, url, _), label, plan) in enumerate(runs):
+            for kind, n in plan:
+                row = {"batching": True, "workers": 1, **label,
+                       **run_clients(url, kind, requests[kind], expected[i, kind], n, seconds, warmup, proc.pid)}
+                measured.setdefault((i, kind, n), []).append(row)
+                log(f"round {round_ + 1}/{rounds}: {row['server']}, {kind}, batching "
+                    f"{'on' if row['batching'] else 'off'}, {row['workers']} worker(s), {n} clients: "
+                    f"{row['requests_per_s']:.0f} requests/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+                    f"statuses {row['statuses']}")
+    results = [median_round(rows) for rows in measured.values()]
+    startup = [{"server": label["server"], "batching": label.get("batching", True), "workers": label.get("workers", 1),
+                "ready_s": ready_s, "idle_rss_mb": idle, "peak_rss_mb": tree_peak_rss_mb(proc.pid)}
+               for ((proc, _, ready_s), label, _), idle in zip(runs, idle_mb)]
+    main = next(url for (_, url, _), label, _ in runs if label == {"server": "mnist-dist"})
+    return results, startup, httpx.get(main + "v1/model").json()
+
+
+def median_round(rows: list) -> dict:
+    """The round with the median requests/s (the lower middle of an even count), and every round's requests/s."""
+    ordered = sorted(rows, key=lambda row: row["requests_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "requests_per_s_rounds": [row["requests_per_s"] for row in rows]}
 
 
 def overload_row(model_dir, pixels, seconds, warmup, threads, log) -> dict:
