@@ -351,6 +351,25 @@ def test_model_threads_take_turns_at_python_and_run_the_model_together():
     assert any(earlier[1] > later[0] for earlier, later in zip(model_runs, model_runs[1:]))
 
 
+def test_a_batch_waits_up_to_max_wait_for_more_jobs():
+    sizes: list = []
+
+    def model(batch):
+        sizes.append(len(batch))
+        return np.zeros((len(batch), 10), np.float32)
+
+    async def one_then_another():
+        batcher = MicroBatcher(model, max_batch=4, max_wait=0.4, threads=1)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher(Timed([])))
+        await asyncio.sleep(0.15)
+        answers = await asyncio.gather(first, batcher(Timed([])))
+        await batcher.stop()
+        return answers
+
+    assert asyncio.run(one_then_another()) == [[0], [0]] and sizes == [2]  # one run for both
+
+
 def test_sigterm_answers_every_request_in_flight_then_exits_0(exported_model, test_images):
     proc, url = start_server(exported_model, "--drain-s", 30, "--max-queue", 0)
     try:

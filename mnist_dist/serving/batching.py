@@ -167,7 +167,7 @@ class MicroBatcher:
                 self.doorbell.wait(woken, lambda: bool(self.waiting or self.ready or self.stopping))
                 while (self.waiting or self.ready) and not self.stopping:
                     if self.waiting:
-                        self.admit(self.next_batch())
+                        self.admit(self.next_batch(woken))
                     self.run_next_group()
         finally:  # stopped (or broken): nobody may wait for an answer that cannot come
             self.stopping = True
@@ -185,11 +185,11 @@ class MicroBatcher:
             taken.append(self.waiting.popleft())
         return taken
 
-    def next_batch(self) -> list:
-        """Every job waiting, prepared; more, for up to ``max_wait``, while fewer than ``max_batch`` images."""
+    def next_batch(self, woken: threading.Event) -> list:
+        """Every job waiting, prepared; more, for up to ``max_wait``, while fewer than ``max_batch`` images (waiting
+        on this thread's ``woken``)."""
         batch = self.prepare_all(self.take_all())
         deadline = time.perf_counter() + self.max_wait
-        woken = threading.Event()
         while self.max_wait and images_in(batch) < self.max_batch and time.perf_counter() < deadline:
             self.doorbell.wait(woken, lambda: bool(self.waiting or self.stopping), deadline - time.perf_counter())
             batch += self.prepare_all(self.take_all())
