@@ -188,19 +188,11 @@ def run_clients(url: str, kind: str, requests: list, expected: list, clients: in
     return row
 
 
-def load(url: str, kind: str, pixels: np.ndarray, clients, seconds: float, warmup: float, label: dict,
-         log, pid: int | None = None) -> list:
-    requests = [encode(kind, p) for p in pixels]
-    expected = [None] * len(requests) if kind == "bare" else answers_alone(url, kind, requests)
-    rows = []
-    for n in clients:
-        row = run_clients(url, kind, requests, expected, n, seconds, warmup, pid)
-        row.update(label)
-        rows.append(row)
-        log(f"{row['server']}, {kind}, batching {'on' if row['batching'] else 'off'}, {row['workers']} worker(s), "
-            f"{n} clients: {row['requests_per_s']:.0f} requests/s, p50 {row['p50_ms']:.1f} ms, "
+def described(row: dict) -> str:
+    """One measured row as the benchmark logs it."""
+    return (f"{row['server']}, {row['kind']}, batching {'on' if row['batching'] else 'off'}, {row['workers']} "
+            f"worker(s), {row['clients']} clients: {row['requests_per_s']:.0f} requests/s, p50 {row['p50_ms']:.1f} ms, "
             f"p99 {row['p99_ms']:.1f} ms, statuses {row['statuses']}")
-    return rows
 
 
 def answers_alone(url: str, kind: str, requests: list) -> list:
@@ -268,10 +260,7 @@ def in_rounds(runs: list, pixels: np.ndarray, seconds: float, warmup: float, rou
                 row = {"batching": True, "workers": 1, **label,
                        **run_clients(url, kind, requests[kind], expected[i, kind], n, seconds, warmup, proc.pid)}
                 measured.setdefault((i, kind, n), []).append(row)
-                log(f"round {round_ + 1}/{rounds}: {row['server']}, {kind}, batching "
-                    f"{'on' if row['batching'] else 'off'}, {row['workers']} worker(s), {n} clients: "
-                    f"{row['requests_per_s']:.0f} requests/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
-                    f"statuses {row['statuses']}")
+                log(f"round {round_ + 1}/{rounds}: {described(row)}")
     results = [median_round(rows) for rows in measured.values()]
     startup = [{"server": label["server"], "batching": label.get("batching", True), "workers": label.get("workers", 1),
                 "ready_s": ready_s, "idle_rss_mb": idle, "peak_rss_mb": tree_peak_rss_mb(proc.pid)}
@@ -291,8 +280,11 @@ def overload_row(model_dir, pixels, seconds, warmup, threads, log) -> dict:
     proc, url, _ = start_server(model_dir, True, threads, extra=["--max-queue", str(OVERLOAD["max_queue"])])
     try:
         idle_mb = peak_rss_mb(proc.pid)
-        label = {"server": "mnist-dist", "batching": True, "workers": 1, "max_queue": OVERLOAD["max_queue"]}
-        row = load(url, "oip-binary", pixels, [OVERLOAD["clients"]], seconds, warmup, label, log, proc.pid)[0]
+        requests = [encode("oip-binary", p) for p in pixels]
+        row = {"server": "mnist-dist", "batching": True, "workers": 1, "max_queue": OVERLOAD["max_queue"],
+               **run_clients(url, "oip-binary", requests, answers_alone(url, "oip-binary", requests),
+                             OVERLOAD["clients"], seconds, warmup, proc.pid)}
+        log(described(row))
         row.update(idle_rss_mb=idle_mb, peak_rss_mb=peak_rss_mb(proc.pid))
         total = max(1, row["requests"])
         row["shares"] = {status: n / total for status, n in row["statuses"].items()}
