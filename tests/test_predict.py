@@ -1,5 +1,6 @@
 """predict on users' files: every input gets a row, bad ones an error, in order; bad commands one line."""
 import csv
+import io
 import json
 import sys
 
@@ -120,6 +121,34 @@ def test_the_border_median_is_numpys_median():
     light, dark = np.full((28, 28), 200, np.float32), np.full((28, 28), 50, np.float32)
     assert images.light_background(light) and not images.light_background(dark)
     assert list(images.light_background(np.stack([light, dark]))) == [True, False]
+
+
+def png_bytes(img: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def test_gray_pngs_read_exactly_as_pillow_reads_them(test_digits):
+    """Plain 8-bit gray PNGs are decoded by libspng, others by Pillow: the pixels are Pillow's either way."""
+    pixels, _ = test_digits
+    wide = np.kron(pixels[1], np.ones((3, 5), np.uint8))[:-1]  # 83x140: not the model's size
+    for digit in [*pixels[:200], wide, 255 - wide]:
+        for options in ({}, {"optimize": True}, {"compress_level": 0}):
+            data = png_bytes(Image.fromarray(digit), **options)
+            expected = np.asarray(Image.open(io.BytesIO(data)), np.float32)
+            assert np.array_equal(images.open_grayscale(data), expected)
+    # A gray PNG with an EXIF orientation is read upright, as phones' JPEGs are.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn a quarter clockwise to view
+    stored = png_bytes(Image.fromarray(wide), exif=exif)
+    assert np.array_equal(images.open_grayscale(stored), np.rot90(wide, -1))
+    # Broken pixel data is one image's error, in Pillow's words.
+    good = png_bytes(Image.fromarray(pixels[0]), compress_level=0)
+    start = good.index(b"IDAT") + 4
+    broken = good[:start] + bytes([0x78, 0x01, 0xFF]) + good[start + 3 :]
+    with pytest.raises(images.BadImage, match="not a readable image"):
+        images.open_grayscale(broken)
 
 
 def test_npy_and_idx_inputs(exported_model, test_digits, mnist_root, tmp_path):

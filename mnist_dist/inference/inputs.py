@@ -234,7 +234,7 @@ class InputIndex:
         if isinstance(data, BaseException):
             reason = "no such file" if isinstance(data, FileNotFoundError) else storage.describe_error(data)
             return Item(index, source.name(0), error=f"unreadable ({reason})")
-        return image_item(index, source.name(0), io.BytesIO(data), self.framing)
+        return image_item(index, source.name(0), data, self.framing)
 
     def read_rows(self, source: Source, first: int, last: int, index: int) -> list:
         layout = source.layout
@@ -268,10 +268,10 @@ def source_for(place: Place, info: dict | None, framing: Framing) -> Source:
     return Source(place, "array", layout.rows, stamp=stamp, layout=layout)
 
 
-def image_item(index: int, name: str, image, framing: Framing, max_pixels: int = MAX_PIXELS) -> Item:
-    """One image file (a path, or a binary file object such as an upload) made MNIST-like, or its failure."""
+def image_item(index: int, name: str, data: bytes, framing: Framing, max_pixels: int = MAX_PIXELS) -> Item:
+    """One image file's bytes (read from storage, or uploaded) made MNIST-like, or its failure."""
     try:
-        gray = open_grayscale(image, framing.box, max_pixels)
+        gray = open_grayscale(data, framing.box, max_pixels)
         return Item(index, name, to_mnist(gray, framing.invert, framing.size, framing.box))
     except BadImage as e:
         return Item(index, name, error=str(e))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import os
 import re
 import sys
@@ -412,7 +411,7 @@ def uploaded_items(body: bytes, content_type: str, framing: Framing, max_pixels:
         if part.filename is None:
             items.append(Item(i, f"file#{i}", error="the 'file' field must be a file, not text"))
         else:
-            items.append(image_item(i, part.filename or f"file#{i}", io.BytesIO(part.data), framing, max_pixels))
+            items.append(image_item(i, part.filename or f"file#{i}", part.data, framing, max_pixels))
     return items
 
 
