@@ -269,6 +269,36 @@ def test_a_request_that_waits_too_long_gets_504(exported_model, test_images):
     assert app.state.batcher.batches <= len(app.state.batcher.threads) < 5
 
 
+def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(exported_model, test_images):
+    served = load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime"))
+    run, broken = served.model.run, threading.Event()
+
+    def run_unless_broken(images):
+        if broken.is_set():
+            raise RuntimeError("the model broke")
+        return run(images)
+
+    served.model = dataclasses.replace(served.model, run=run_unless_broken)
+    app = create_app(served)
+    png = io.BytesIO()
+    Image.fromarray(test_images[0][0]).save(png, "PNG")
+
+    async def requests():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # as uvicorn: logged, not raised
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                broken.set()
+                failed = [await client.post("/" + INFER, json=oip_body(test_images[0][:1])),
+                          await client.post("/v1/predict", files={"file": ("d.png", png.getvalue())})]
+                broken.clear()
+                return failed, await client.post("/" + INFER, json=oip_body(test_images[0][:1]))
+
+    failed, after = asyncio.run(requests())
+    assert [(r.status_code, r.json()) for r in failed] == [(500, {"error": "internal error (RuntimeError)"})] * 2
+    assert all(r.headers.get("x-request-id") for r in failed)  # observed like every other answer
+    assert after.status_code == 200 and after.json()["outputs"][0]["data"]
+
+
 def test_model_threads_run_batches_side_by_side(exported_model, test_images):
     served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1)), 0.5)
     app = create_app(served)

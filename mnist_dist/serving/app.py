@@ -18,6 +18,7 @@ leaves the process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import re
@@ -26,7 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import orjson
@@ -133,11 +134,11 @@ def create_app(served: Served) -> FastAPI:
         await app.state.batcher.stop()
         metrics.process_exited(os.getpid())
 
-    app = FastAPI(title="mnist-dist", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = Fronted(title="mnist-dist", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.served, app.state.lifecycle = served, lifecycle
-    app.add_middleware(BusyRoutes, model_name=options.model_name)  # the innermost: after the body limit
-    app.add_middleware(BodyLimit, max_bytes=options.max_body)
-    app.add_middleware(Observed, lifecycle=lifecycle, access_log=open_log(options.access_log))
+    busy = BusyRoutes(functools.partial(FastAPI.__call__, app), app, options.model_name)
+    app.front = Observed(BodyLimit(busy, max_bytes=options.max_body), lifecycle=lifecycle,
+                         access_log=open_log(options.access_log))
     add_error_handlers(app)
     add_v2_routes(app, options.model_name)
     add_v1_routes(app)
@@ -160,6 +161,17 @@ def create_app(served: Served) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return app
+
+
+class Fronted(FastAPI):
+    """FastAPI behind a front of plain ASGI layers (``front``): every request is observed (metrics, request ID,
+    access log, drain) and its body bounded there, and the image routes are answered there too (BusyRoutes),
+    before FastAPI's own layers; every other request then reaches FastAPI as usual."""
+
+    front: Callable
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.front(scope, receive, send)
 
 
 def make_batcher(served: Served) -> MicroBatcher:
@@ -244,12 +256,13 @@ class Answer(NamedTuple):
 
 
 class BusyRoutes:
-    """The routes that carry images, answered as plain ASGI ahead of FastAPI's router and its exception and
-    dependency layers, which cost the event loop more than the rest of a request together (measured under load);
-    every other request passes through to the app. ``openapi.busy_paths`` documents them."""
+    """The routes that carry images, answered as plain ASGI ahead of FastAPI (its telemetry hooks, router,
+    exception and dependency layers), which cost the event loop more than the rest of a request together (measured
+    under load); every other request passes through to ``app``. Their requests see ``fastapi_app`` as
+    ``request.app``, as routes do. ``openapi.busy_paths`` documents them."""
 
-    def __init__(self, app, model_name: str) -> None:
-        self.app = app
+    def __init__(self, app, fastapi_app: FastAPI, model_name: str) -> None:
+        self.app, self.fastapi_app = app, fastapi_app
 
         async def infer(request: Request, body: bytes) -> Answer:
             known_model(request, model_name)
@@ -279,17 +292,22 @@ class BusyRoutes:
                 match = pattern.fullmatch(scope["path"])
                 if match:
                     scope["route"], scope["path_params"] = template, match.groupdict()
+                    scope["app"] = self.fastapi_app
                     return await self.answer(endpoint, scope, receive, send)
         await self.app(scope, receive, send)
 
     @staticmethod
     async def answer(endpoint, scope, receive, send) -> None:
+        if scope["method"] != "POST":
+            return await error_response(HTTPException(405, headers={"Allow": "POST"}))(scope, receive, send)
+        body = await read_body(receive)  # a client gone, or a body over the limit: the outer layers answer those
         try:
-            if scope["method"] != "POST":
-                raise HTTPException(405, headers={"Allow": "POST"})
-            reply = await endpoint(Request(scope, receive), await read_body(receive))
-        except (BadRequest, HTTPException) as e:  # anything else is the outer layers' to answer, as for every route
+            reply = await endpoint(Request(scope, receive), body)
+        except (BadRequest, HTTPException) as e:
             return await error_response(e)(scope, receive, send)
+        except Exception as e:  # the server's own fault: a one-line 500, and the traceback to the server's log
+            await error_response(e)(scope, receive, send)
+            raise
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": [(b"content-type", reply.content_type),
                                 (b"content-length", str(len(reply.payload)).encode()), *reply.headers]})
