@@ -487,6 +487,7 @@ def test_no_request_however_malformed_gets_a_server_error(case):
     assert "Traceback" not in response.text
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death, meant
 def test_not_ready_once_the_batcher_has_died(exported_model, test_images):
     app = create_app(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime")))
 
@@ -495,15 +496,21 @@ def test_not_ready_once_the_batcher_has_died(exported_model, test_images):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 before = (await client.get("/v2/health/ready")).status_code
-                app.state.batcher.stopping = True  # as if a model thread had failed
-                app.state.batcher.doorbell.ring_all()
+                app.state.batcher.stats = BrokenStats()  # a fault in the batcher's own code kills its thread
+                killing = await client.post("/" + INFER, json=oip_body(test_images[0][:1]))
                 for thread in app.state.batcher.threads:
                     await asyncio.to_thread(thread.join, 5)
                 after = (await client.get("/v2/health/ready")).status_code
                 model = (await client.get("/v2/models/mnist/ready")).status_code
                 infer = await client.post("/" + INFER, json=oip_body(test_images[0][:1]))
-                return before, after, model, infer, (await client.get("/v2/health/live")).status_code
+                return before, killing, after, model, infer, (await client.get("/v2/health/live")).status_code
 
-    before, after, model, infer, live = asyncio.run(probe())
+    before, killing, after, model, infer, live = asyncio.run(probe())
     assert (before, after, model, live) == (200, 400, 400, 200)
+    assert killing.status_code == 503 and "the model stopped" in killing.json()["error"]  # answered, not left waiting
     assert infer.status_code == 503 and "not running" in infer.json()["error"]
+
+
+class BrokenStats:
+    def waited(self, seconds: float) -> None:
+        raise RuntimeError("a bug in the batcher")

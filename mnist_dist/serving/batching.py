@@ -110,6 +110,7 @@ class MicroBatcher:
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
         self.stats = stats or NoStats()
         self.waiting: collections.deque = collections.deque()
+        self.unanswered: set = set()  # the futures of every request handed in and not yet answered: the loop's own
         self.doorbell = Doorbell()
         self.threads = [threading.Thread(target=self.serve_forever, name=f"batcher-{i}", daemon=True)
                         for i in range(threads)]
@@ -126,8 +127,10 @@ class MicroBatcher:
         self.python = threading.Lock()
 
     @property
-    def running(self) -> bool:  # a model thread that fails stops them all (serve_forever)
-        return self.loop is not None and all(t.is_alive() for t in self.threads) and not self.stopping
+    def running(self) -> bool:
+        # Asked on every request: a flag, not the threads' liveness (a lock each), which it already tells, since
+        # a model thread that exits for any reason sets it and so stops them all (serve_forever).
+        return self.loop is not None and not self.stopping
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -147,16 +150,17 @@ class MicroBatcher:
             raise Unavailable("the model is not running")
         assert self.loop is not None
         pending = Pending(job, self.loop.create_future())
+        self.unanswered.add(pending.future)
         self.waiting.append(pending)  # deque appends and pops are atomic: the thread takes from the other end
         self.doorbell.ring()
-        if timeout is None:
-            return await pending.future
         # A timer on the future itself: asyncio.wait_for would make a task for every request.
-        expiry = self.loop.call_later(timeout, expire, pending.future)
+        expiry = None if timeout is None else self.loop.call_later(timeout, expire, pending.future)
         try:
             return await pending.future
         finally:
-            expiry.cancel()
+            self.unanswered.discard(pending.future)
+            if expiry is not None:
+                expiry.cancel()
 
     # --- on the model threads -----------------------------------------------------------------------------------
 
@@ -172,12 +176,16 @@ class MicroBatcher:
         finally:  # stopped (or broken): nobody may wait for an answer that cannot come
             self.stopping = True
             self.doorbell.ring_all()  # the other model threads stop too
-            with self.lock:
-                left = self.take_all() + [pending for group in self.ready for pending in group]
-                self.ready.clear()
-            for pending in left:
-                pending.result = (None, Unavailable("the model stopped"))
-            self.deliver(left)
+            # Every request not yet answered, wherever it is (waiting, queued, or in a thread that failed while
+            # holding it), is answered at once rather than at its time-out.
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.fail_unanswered)
+
+    def fail_unanswered(self) -> None:
+        """On the event loop: the model stopped; every request still waiting for it hears so."""
+        for future in list(self.unanswered):
+            if not future.done():
+                future.set_exception(Unavailable("the model stopped"))
 
     def take_all(self) -> list:
         taken = []
@@ -316,10 +324,6 @@ def finished(pending: Pending, logits: np.ndarray) -> tuple:
 class Unbatched(MicroBatcher):
     """One job at a time per request, each in its own worker thread, concurrently on the shared session: the
     baseline micro-batching is measured against."""
-
-    @property
-    def running(self) -> bool:
-        return self.loop is not None and not self.stopping
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
