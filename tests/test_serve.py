@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from python_multipart.multipart import parse_options_header
 
 from mnist_dist.inference import predict
 from mnist_dist.serving.app import ServeOptions, create_app, load
@@ -102,6 +103,16 @@ def test_multipart_forms_are_read_as_clients_write_them():
     assert [(p.name, p.filename, p.data) for p in parse_form(padded, "multipart/form-data; boundary=b", 10)] == [
         ("file", "d.png", png)]
     assert parse_form(b"--b--\r\n", "multipart/form-data; boundary=b", 10) == []
+    # However a part's Content-Disposition is written, its name and filename are python-multipart's reading.
+    for disposition in [b'form-data; name="file"; filename="d.png"', b'form-data; name="a;b"; filename=""',
+                        b'form-data; name="x"', b'form-data; name="x"; filename="C:\\dir\\d.png"',
+                        b"form-data; name=\"x\"; filename*=UTF-8''%E5%90%8D.png", b'form-data; filename="f"; name="x"',
+                        b'form-data; name="x\\"y"; filename="z"']:
+        _, options = parse_options_header(disposition)
+        part = parse_form(b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nv\r\n--b--",
+                          "multipart/form-data; boundary=b", 10)[0]
+        filename = options.get(b"filename")
+        assert (part.name, part.filename) == (options[b"name"].decode(), None if filename is None else filename.decode()), disposition
 
 
 @pytest.mark.parametrize("body, content_type, status, error", [

@@ -4,11 +4,12 @@ The body is bounded (the server's --max-body-mb) and read whole first, so its
 parts are found by splitting it at the boundary (C speed) rather than by
 python-multipart's streaming parser, which walks the part headers a byte at a
 time in Python: measured on a one-image request, 13-17 µs against 41-66.
-Header parameters (quoted names, RFC 2231 filenames) are still
-python-multipart's.
+Header parameters are python-multipart's reading of them, though the plain
+Content-Disposition that clients write is read by a regular expression first.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
@@ -16,6 +17,10 @@ from python_multipart.multipart import parse_options_header
 from .errors import BadRequest
 
 CRLF = b"\r\n"
+# The Content-Disposition that browsers, curl and requests write for a field or a file, with nothing to unescape:
+# read by one regular expression (under 1 us); any other (escapes, RFC 2231 names, more parameters) by
+# python-multipart (10 us, a tenth of what preparing a one-image request costs).
+PLAIN_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
 PADDING = b" \t"  # RFC 2046 lets a sender pad a boundary line with white space
 
 
@@ -63,9 +68,13 @@ def read_part(section: bytes) -> Part:
 
 
 def disposed(disposition: bytes, data: bytes) -> Part:
-    _, options = parse_options_header(disposition)
-    if b"name" not in options:
-        raise BadRequest("a form part has no name in its Content-Disposition")
-    filename = options.get(b"filename")
-    return Part(options[b"name"].decode("utf-8", "replace"),
-                None if filename is None else filename.decode("utf-8", "replace"), data)
+    plain = PLAIN_DISPOSITION.fullmatch(disposition)
+    if plain:
+        name, filename = plain.groups()
+    else:
+        _, options = parse_options_header(disposition)
+        if b"name" not in options:
+            raise BadRequest("a form part has no name in its Content-Disposition")
+        name, filename = options[b"name"], options.get(b"filename")
+    return Part(name.decode("utf-8", "replace"), None if filename is None else filename.decode("utf-8", "replace"),
+                data)
