@@ -244,6 +244,11 @@ def test_the_load_generator_counts_every_answer_and_catches_wrong_ones(server, t
     assert measured["server_cpu_us_per_request"] > 0 and measured["load_generator_cpu_us_per_request"] > 0
     wrong = run_clients(url, "oip-binary", requests, [(label + 1) % 10 for label in right], 4, 0.5, 0.2)
     assert wrong["errors"] == wrong["requests"] > 0 and wrong["error_examples"] == ["wrong answer"]
+    # A refusal is counted by its status, and why the server refused is kept.
+    unknown = [(path.replace("/mnist/", "/nine/"), headers, body) for path, headers, body in requests]
+    refused = run_clients(url, "oip-binary", unknown, right, 2, 0.3, 0.1)
+    assert refused["statuses"] == {"404": refused["requests"]} and refused["errors"] == refused["requests"] > 0
+    assert "no model 'nine'" in json.loads(refused["refusal_examples"]["404"])["error"]
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(exported_model, test_images):

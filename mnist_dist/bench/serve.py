@@ -103,13 +103,14 @@ def prediction(kind: str, body: bytes, split: int | None) -> int | None:
 def start(cmd: list, env=None, cwd=None) -> tuple:
     """(process, base URL, seconds from the process's start to readiness) of a server that prints its URL."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    assert proc.stdout is not None and proc.stderr is not None  # both are pipes
+    # The server's warnings and errors go where this process's go: a pipe nobody reads would fill and stall it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    assert proc.stdout is not None
     line = proc.stdout.readline()
     match = re.search(r"http://[\d.]+:\d+/", line)
     if match is None:
         proc.kill()
-        raise RuntimeError(f"the server did not start: {line}{proc.stderr.read()}")
+        raise RuntimeError(f"the server did not start (its errors are above): {line}")
     return proc, match.group(0), started
 
 
@@ -168,8 +169,11 @@ def run_clients(url: str, kind: str, requests: list, expected: list, clients: in
     ``pid``, the server's CPU time (its workers' too) over the same time, per request."""
     import uvloop
 
+    refusals: dict = {}  # status -> the first body of that status: why the server refused
+
     def check(i: int, status: int, body: bytes, split: int | None) -> str:
         if status != 200:
+            refusals.setdefault(str(status), body[:200].decode("utf-8", "replace"))
             return ""
         return "" if prediction(kind, body, split) == expected[i % len(requests)] else "wrong answer"
 
@@ -183,7 +187,7 @@ def run_clients(url: str, kind: str, requests: list, expected: list, clients: in
            "requests_per_s": counts.get("200", 0) / seconds, "p50_ms": 1e3 * float(np.percentile(ok, 50)),
            "p90_ms": 1e3 * float(np.percentile(ok, 90)), "p99_ms": 1e3 * float(np.percentile(ok, 99)),
            "statuses": counts, "errors": len(tally.errors) + sum(n for s, n in counts.items() if s != "200"),
-           "error_examples": sorted(set(tally.errors))[:5]}
+           "error_examples": sorted(set(tally.errors))[:5], "refusal_examples": refusals}
     row.update({f"{name}_cpu_us_per_request": 1e6 * spent / answered for name, spent in tally.cpu_s.items()})
     return row
 
