@@ -112,7 +112,8 @@ def test_multipart_forms_are_read_as_clients_write_them():
         part = parse_form(b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nv\r\n--b--",
                           "multipart/form-data; boundary=b", 10)[0]
         filename = options.get(b"filename")
-        assert (part.name, part.filename) == (options[b"name"].decode(), None if filename is None else filename.decode()), disposition
+        expected = (options[b"name"].decode(), None if filename is None else filename.decode())
+        assert (part.name, part.filename) == expected, disposition
 
 
 @pytest.mark.parametrize("body, content_type, status, error", [
