@@ -273,6 +273,9 @@ def interruptible(resume_hint: str):
             die_with_launcher()
         yield
     except JobInterrupted as stop:
+        # The signal may land inside any constructor (tqdm's, say); the half-built object's finaliser then fails
+        # when it is freed on the way out, which would print a traceback that says nothing about this stop.
+        sys.unraisablehook = ignore_unraisable
         if launched_rank() == 0:
             say(f"Interrupted by {signal.Signals(stop.signum).name}: {resume_hint}")
         raise SystemExit(128 + stop.signum) from None
@@ -283,6 +286,10 @@ def interruptible(resume_hint: str):
         sockets[0].shutdown(socket.SHUT_RDWR)  # wakes the deadline thread, which then ends
         for sock in sockets:
             sock.close()
+
+
+def ignore_unraisable(unraisable) -> None:
+    pass
 
 
 def raise_interrupted(signum, frame):

@@ -165,3 +165,26 @@ def test_the_lock_names_its_holder_and_is_free_again_after(tmp_path):
     assert not place.exists()
     with locks.exclusive(place, "--output-dir run"):  # free again
         assert place.exists()
+
+
+HALF_BUILT = """
+import os, signal
+from mnist_dist.launch import interruptible
+
+class HalfBuilt:  # as tqdm is when the signal lands in its __init__: its finaliser needs what was never set
+    def __init__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        self.position = 0
+
+    def __del__(self):
+        abs(self.position)
+
+with interruptible("resume with --resume"):
+    HalfBuilt()
+"""
+
+
+def test_a_stop_inside_a_constructor_leaves_no_traceback():
+    proc = subprocess.run([sys.executable, "-c", HALF_BUILT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert proc.stderr.strip() == "Interrupted by SIGINT: resume with --resume"
