@@ -7,6 +7,7 @@ import io
 import json
 import re
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -384,6 +385,39 @@ def test_model_threads_take_turns_at_python_and_run_the_model_together():
     # model runs of both threads overlap, and overlap the other thread's Python.
     assert all(earlier[1] <= later[0] for earlier, later in zip(python, python[1:]))
     assert any(earlier[1] > later[0] for earlier, later in zip(model_runs, model_runs[1:]))
+
+
+def test_model_threads_taking_jobs_at_once_neither_fail_nor_lose_one():
+    """Two model threads take what is waiting while requests keep arriving; the GIL switching as often as it can
+    makes every interleaving likely within a second."""
+    batcher = MicroBatcher(lambda images: images, threads=2)
+    taken: list = []
+    failures: list = []
+    until = time.perf_counter() + 1.0
+
+    def take():
+        try:
+            while time.perf_counter() < until:
+                taken.extend(batcher.take_all())
+        except Exception as e:
+            failures.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        takers = [threading.Thread(target=take) for _ in range(2)]
+        for thread in takers:
+            thread.start()
+        sent = 0
+        while time.perf_counter() < until:
+            batcher.waiting.append(sent)
+            sent += 1
+        for thread in takers:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    taken += batcher.take_all()
+    assert failures == [] and sorted(taken) == list(range(sent))
 
 
 def test_a_batch_waits_up_to_max_wait_for_more_jobs():

@@ -188,9 +188,13 @@ class MicroBatcher:
                 future.set_exception(Unavailable("the model stopped"))
 
     def take_all(self) -> list:
+        """Every job waiting now. Each pop is atomic, but another model thread may take the last job between a
+        check and a pop: popping until the deque says it is empty is the only safe test (a check first once
+        killed a model thread, and with it the server, under load)."""
         taken = []
-        while self.waiting:
-            taken.append(self.waiting.popleft())
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self.waiting.popleft())
         return taken
 
     def next_batch(self, woken: threading.Event) -> list:
