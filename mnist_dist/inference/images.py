@@ -42,8 +42,8 @@ def open_grayscale(data: bytes, box: int = 0, max_pixels: int = MAX_PIXELS) -> n
     white. With ``box``, large JPEGs are decoded at a reduced scale (see DRAFT_BOXES). Images of more than
     ``max_pixels`` (by their header) are refused undecoded.
     """
-    size = plain_gray_png_size(data)
-    if size is not None and pyspng is not None:
+    size = plain_gray_png_size(data) if pyspng is not None else None
+    if size is not None:
         check_pixels(size[0], size[1], max_pixels)
         try:
             return pyspng.load(data).astype(np.float32)

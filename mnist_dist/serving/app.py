@@ -18,7 +18,6 @@ leaves the process.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import os
 import re
@@ -136,9 +135,8 @@ def create_app(served: Served) -> FastAPI:
 
     app = Fronted(title="mnist-dist", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.served, app.state.lifecycle = served, lifecycle
-    busy = BusyRoutes(functools.partial(FastAPI.__call__, app), app, options.model_name)
-    app.front = Observed(BodyLimit(busy, max_bytes=options.max_body), lifecycle=lifecycle,
-                         access_log=open_log(options.access_log))
+    app.front = Observed(BodyLimit(BusyRoutes(app, options.model_name), max_bytes=options.max_body),
+                         lifecycle=lifecycle, access_log=open_log(options.access_log))
     add_error_handlers(app)
     add_v2_routes(app, options.model_name)
     add_v1_routes(app)
@@ -172,6 +170,10 @@ class Fronted(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         await self.front(scope, receive, send)
+
+    async def behind(self, scope, receive, send) -> None:
+        """FastAPI itself: where the front sends every request it does not answer."""
+        await super().__call__(scope, receive, send)
 
 
 def make_batcher(served: Served) -> MicroBatcher:
@@ -258,11 +260,11 @@ class Answer(NamedTuple):
 class BusyRoutes:
     """The routes that carry images, answered as plain ASGI ahead of FastAPI (its telemetry hooks, router,
     exception and dependency layers), which cost the event loop more than the rest of a request together (measured
-    under load); every other request passes through to ``app``. Their requests see ``fastapi_app`` as
+    under load); every other request passes through to FastAPI (``app.behind``). Their requests see ``app`` as
     ``request.app``, as routes do. ``openapi.busy_paths`` documents them."""
 
-    def __init__(self, app, fastapi_app: FastAPI, model_name: str) -> None:
-        self.app, self.fastapi_app = app, fastapi_app
+    def __init__(self, app: Fronted, model_name: str) -> None:
+        self.app = app
 
         async def infer(request: Request, body: bytes) -> Answer:
             known_model(request, model_name)
@@ -292,9 +294,9 @@ class BusyRoutes:
                 match = pattern.fullmatch(scope["path"])
                 if match:
                     scope["route"], scope["path_params"] = template, match.groupdict()
-                    scope["app"] = self.fastapi_app
+                    scope["app"] = self.app
                     return await self.answer(endpoint, scope, receive, send)
-        await self.app(scope, receive, send)
+        await self.app.behind(scope, receive, send)
 
     @staticmethod
     async def answer(endpoint, scope, receive, send) -> None:
