@@ -149,6 +149,17 @@ def write_test_pngs(folder: Path, count: int, name: str = "digit_{:04d}.png") ->
     return labels[:count].tolist()
 
 
+def png_bytes(pixels: np.ndarray, **options) -> bytes:
+    """``pixels`` as a PNG file's bytes (``options``: Pillow's PNG options, compress_level, exif, ...)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
 def cpu_flags() -> set:
     """This CPU's feature flags as the kernel lists them (the source `lscpu` reads), independent of torch."""
     if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").is_file():

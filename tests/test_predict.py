@@ -13,7 +13,7 @@ from mnist_dist.inference import images, predict
 from mnist_dist.inference import manifest as manifest_lib
 from mnist_dist.inference.models import open_model
 
-from conftest import run, write_test_pngs
+from conftest import png_bytes, run, write_test_pngs
 
 CLI = [sys.executable, "-m", "mnist_dist.cli"]
 
@@ -123,28 +123,22 @@ def test_the_border_median_is_numpys_median():
     assert list(images.light_background(np.stack([light, dark]))) == [True, False]
 
 
-def png_bytes(img: Image.Image, **options) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, "PNG", **options)
-    return buffer.getvalue()
-
-
 def test_gray_pngs_read_exactly_as_pillow_reads_them(test_digits):
     """Plain 8-bit gray PNGs are decoded by libspng, others by Pillow: the pixels are Pillow's either way."""
     pixels, _ = test_digits
     wide = np.kron(pixels[1], np.ones((3, 5), np.uint8))[:-1]  # 83x140: not the model's size
     for digit in [*pixels[:200], wide, 255 - wide]:
         for options in ({}, {"optimize": True}, {"compress_level": 0}):
-            data = png_bytes(Image.fromarray(digit), **options)
+            data = png_bytes(digit, **options)
             expected = np.asarray(Image.open(io.BytesIO(data)), np.float32)
             assert np.array_equal(images.open_grayscale(data), expected)
     # A gray PNG with an EXIF orientation is read upright, as phones' JPEGs are.
     exif = Image.Exif()
     exif[0x0112] = 6  # turn a quarter clockwise to view
-    stored = png_bytes(Image.fromarray(wide), exif=exif)
+    stored = png_bytes(wide, exif=exif)
     assert np.array_equal(images.open_grayscale(stored), np.rot90(wide, -1))
     # Broken pixel data is one image's error, in Pillow's words.
-    good = png_bytes(Image.fromarray(pixels[0]), compress_level=0)
+    good = png_bytes(pixels[0], compress_level=0)
     start = good.index(b"IDAT") + 4
     broken = good[:start] + bytes([0x78, 0x01, 0xFF]) + good[start + 3 :]
     with pytest.raises(images.BadImage, match="not a readable image"):

@@ -1,6 +1,5 @@
 """mnist-dist serve: the API answers as predict does, survives bad input and load, and the page works in a browser."""
 import base64
-import io
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from mnist_dist.serving.app import ServeOptions, create_app, load
 from mnist_dist.serving.errors import BadRequest
 from mnist_dist.serving.forms import parse_form
 
-from conftest import run, start_server, write_test_pngs
+from conftest import png_bytes, run, start_server, write_test_pngs
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -39,12 +38,6 @@ def client(exported_model):
     options = ServeOptions(str(exported_model), threads=1, runtime="onnxruntime")  # as predict.predict runs it
     with TestClient(create_app(load(options))) as client:
         yield client
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_api_answers_as_predict_does_on_300_pngs(client, exported_model, test_pngs):

@@ -26,7 +26,7 @@ from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
 from mnist_dist.serving.batching import Doorbell, Job, MicroBatcher
 
-from conftest import calibrated_softmax, start_server
+from conftest import calibrated_softmax, png_bytes, start_server
 
 INFER = "v2/models/mnist/infer"
 
@@ -286,8 +286,6 @@ def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(e
 
     served.model = dataclasses.replace(served.model, run=run_unless_broken)
     app = create_app(served)
-    png = io.BytesIO()
-    Image.fromarray(test_images[0][0]).save(png, "PNG")
 
     async def requests():
         async with app.router.lifespan_context(app):
@@ -295,7 +293,7 @@ def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(e
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 broken.set()
                 failed = [await client.post("/" + INFER, json=oip_body(test_images[0][:1])),
-                          await client.post("/v1/predict", files={"file": ("d.png", png.getvalue())})]
+                          await client.post("/v1/predict", files={"file": ("d.png", png_bytes(test_images[0][0]))})]
                 broken.clear()
                 return failed, await client.post("/" + INFER, json=oip_body(test_images[0][:1]))
 
