@@ -366,7 +366,7 @@ def test_model_threads_take_turns_at_python_and_run_the_model_together():
     def model(batch):
         with timed(spans, "model"):
             time.sleep(0.2)
-        return np.zeros((len(batch), 10), np.float32)
+        return (np.zeros((len(batch), 10), np.float32),)
 
     async def four_jobs():
         batcher = MicroBatcher(model, max_batch=1, threads=2)
@@ -388,7 +388,7 @@ def test_model_threads_take_turns_at_python_and_run_the_model_together():
 def test_model_threads_taking_jobs_at_once_neither_fail_nor_lose_one():
     """Two model threads take what is waiting while requests keep arriving; the GIL switching as often as it can
     makes every interleaving likely within a second."""
-    batcher = MicroBatcher(lambda images: images, threads=2)
+    batcher = MicroBatcher(lambda images: (images,), threads=2)
     taken: list = []
     failures: list = []
     until = time.perf_counter() + 1.0
@@ -423,7 +423,7 @@ def test_a_batch_waits_up_to_max_wait_for_more_jobs():
 
     def model(batch):
         sizes.append(len(batch))
-        return np.zeros((len(batch), 10), np.float32)
+        return (np.zeros((len(batch), 10), np.float32),)
 
     async def one_then_another():
         batcher = MicroBatcher(model, max_batch=4, max_wait=0.4, threads=1)

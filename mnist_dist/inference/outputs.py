@@ -11,17 +11,17 @@ import numpy as np
 
 from .. import extras
 from ..errors import UserError
-from . import manifest as manifest_lib
 from .inputs import Item
 
 COLUMNS = ("input", "prediction", "confidence", "top3", "error")
 
 
-def rows_for(items: list, good: list, logits, manifest: dict, probabilities: bool = False) -> list:
-    """One row per item, in order: the model's answer for the good ones, the error for the others.
-    With ``probabilities``, each row also carries all of them, one per class."""
+def rows_for(items: list, good: list, probabilities, manifest: dict, with_probabilities: bool = False) -> list:
+    """One row per item, in order: the model's answer for the good ones (``probabilities``: theirs, as
+    ``manifest.probabilities`` gives them; None if there are none), the error for the others. With
+    ``with_probabilities``, each row also carries all of them, one per class."""
     names = [int(c) for c in manifest["classes"]]
-    scores = manifest_lib.probabilities(logits, manifest) if good else np.zeros((0, len(names)))
+    scores = probabilities if good else np.zeros((0, len(names)))
     # The three best of every row at once (ties: the lower class first), then plain Python numbers: per row,
     # numpy calls cost more than the work they do.
     best = np.argsort(-scores, axis=1, kind="stable")[:, :3].tolist()
@@ -30,7 +30,7 @@ def rows_for(items: list, good: list, logits, manifest: dict, probabilities: boo
     for item in items:
         p, top = (None, None) if item.error else next(answers)
         row = make_row(item, names, p, top)
-        if probabilities:
+        if with_probabilities:
             row["probabilities"] = p
         rows.append(row)
     return rows

@@ -54,7 +54,7 @@ def label(items: list, model: Runner, batch_size: int) -> tuple:
         parts.append(model.run(batch[start : start + batch_size]))
         seconds += time.perf_counter() - t0
     logits = np.concatenate(parts) if parts else np.zeros((0, len(model.manifest["classes"])), np.float32)
-    return rows_for(items, good, logits, model.manifest), seconds
+    return rows_for(items, good, manifest_lib.probabilities(logits, model.manifest), model.manifest), seconds
 
 
 def predict(inputs, model_path, invert: str = "auto", batch_size: int = 256, show_progress=True,

@@ -92,6 +92,11 @@ class Served:
     def framing(self, invert: str) -> Framing:
         return predict.framing(self.model.manifest, invert)
 
+    def scored(self, batch: np.ndarray) -> tuple:
+        """(logits, probabilities) of a batch: the softmax once for every request in it, not once each."""
+        logits = self.model.run(batch)
+        return logits, manifest_lib.probabilities(logits, self.model.manifest)
+
 
 def load(options: ServeOptions) -> Served:
     """Load and check the model before the server starts: missing, changed or unreadable files are one UserError."""
@@ -179,8 +184,8 @@ class Fronted(FastAPI):
 def make_batcher(served: Served) -> MicroBatcher:
     options = served.options
     if not options.batching:
-        return Unbatched(served.model.run, stats=metrics.BatcherStats())
-    return MicroBatcher(served.model.run, options.max_batch, options.max_wait_ms / 1000, options.max_queue or None,
+        return Unbatched(served.scored, stats=metrics.BatcherStats())
+    return MicroBatcher(served.scored, options.max_batch, options.max_wait_ms / 1000, options.max_queue or None,
                         stats=metrics.BatcherStats(), threads=BATCHERS)
 
 
@@ -357,9 +362,8 @@ class InferJob(Job):
         self.request = oip.parse_infer(self.body, self.header_length, self.manifest, MAX_IMAGES)
         return self.request.images
 
-    def finish(self, logits: np.ndarray) -> tuple:
+    def finish(self, logits: np.ndarray, probabilities: np.ndarray) -> tuple:
         assert self.request is not None
-        probabilities = manifest_lib.probabilities(logits, self.manifest)
         return oip.encode_infer(self.model_name, self.request, logits, probabilities)
 
 
@@ -410,9 +414,10 @@ class PredictJob(Job):
         self.good, batch = predict.model_batch(self.items, self.served.model.manifest)
         return batch
 
-    def finish(self, logits: np.ndarray) -> bytes:
+    def finish(self, logits: np.ndarray | None = None, probabilities: np.ndarray | None = None) -> bytes:
+        """The answer; without outputs when no image could be read (the model had nothing to see)."""
         manifest = self.served.model.manifest
-        rows = outputs.rows_for(self.items, self.good, logits if self.good else None, manifest, probabilities=True)
+        rows = outputs.rows_for(self.items, self.good, probabilities, manifest, with_probabilities=True)
         results = [with_seen_image(row, item) if self.with_image else row for row, item in zip(rows, self.items)]
         if self.good:
             return orjson.dumps({"results": results})

@@ -1,10 +1,12 @@
 """Micro-batching on model threads, with a bounded queue: requests that arrive together share one model run.
 
 A request hands the batcher a ``Job``: its raw body and what to make of it.
-The event loop only moves bytes; a model thread does everything else for
-every job waiting at once: ``prepare`` (parse the JSON, decode the images:
-never on the event loop), then one model run for up to ``max_batch`` images,
-then ``finish`` (the answer's bytes), and hands all the answers back to the
+The event loop only moves bytes; a model thread does everything else for every
+job waiting at once: ``prepare`` (parse the JSON, decode the images: never on
+the event loop), then one model run for up to ``max_batch`` images (``run``:
+the batch in, a tuple of outputs out, one row per image each, so that work on
+the outputs is done once a batch too), then ``finish`` (the answer's bytes,
+from the job's rows of each output), and hands all the answers back to the
 loop in one call. One thread hop per batch, not two per request: at one
 request at a time that is what running each request on its own costs, and
 under load it is a fraction of it. With ``threads`` > 1, each model thread
@@ -30,6 +32,7 @@ import collections
 import contextlib
 import threading
 import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,14 +57,16 @@ class NoStats:
 
 class Job:
     """One request's work. ``prepare`` and ``finish`` run on the batcher's thread; either may raise an exception
-    meant for the client (it reaches the request's handler as it is)."""
+    meant for the client (it reaches the request's handler as it is).
+
+    ``finish(*outputs)``: the answer, from this request's rows of each of the model's outputs, in the order ``run``
+    returns them (no outputs at all when ``prepare`` gave no image). Each job names the outputs it takes.
+    """
+
+    finish: Callable[..., Any]
 
     def prepare(self) -> np.ndarray:
         """The model's input batch for this request, [k, ...] (k may be 0: nothing to run)."""
-        raise NotImplementedError
-
-    def finish(self, logits: np.ndarray):
-        """The answer, from this request's rows of logits."""
         raise NotImplementedError
 
 
@@ -223,7 +228,7 @@ class MicroBatcher:
         if len(images):
             pending.images = images
         else:  # nothing the model needs to see (no image could be read): answered at once
-            pending.result = finished(pending, np.zeros((0, 0), np.float32))
+            pending.result = finished(pending, ())
         return pending
 
     def admit(self, batch: list) -> None:
@@ -262,19 +267,20 @@ class MicroBatcher:
     def run_group(self, group: list) -> None:
         started = time.perf_counter()
         try:
-            logits = self.run(np.concatenate([p.images for p in group]))
+            outputs = self.run(np.concatenate([p.images for p in group]))
         except Exception as e:  # the model's failure is every waiting request's failure, not the server's
             for p in group:
                 p.result = (None, e)
             return
         with self.lock:
             self.batches += 1
-        self.stats.batch(len(logits), time.perf_counter() - started)
+        self.stats.batch(len(outputs[0]), time.perf_counter() - started)
         start = 0
         with self.python:
             for p in group:
-                p.result = finished(p, logits[start : start + len(p.images)])
-                start += len(p.images)
+                end = start + len(p.images)
+                p.result = finished(p, tuple(output[start:end] for output in outputs))
+                start = end
 
     def deliver(self, answered: list) -> None:
         """Hand the answers to the event loop together: one wake-up of the loop for all of them."""
@@ -317,10 +323,11 @@ def groups_of(runnable: list, max_batch: int) -> list:
     return [*groups, group] if group else groups
 
 
-def finished(pending: Pending, logits: np.ndarray) -> tuple:
-    """(answer, None), or (None, the exception writing it raised)."""
+def finished(pending: Pending, outputs: tuple) -> tuple:
+    """(answer, None), or (None, the exception writing it raised). ``outputs``: the job's rows of each model output
+    (none at all when the job had no image for the model)."""
     try:
-        return pending.job.finish(logits), None
+        return pending.job.finish(*outputs), None
     except Exception as e:
         return None, e
 
