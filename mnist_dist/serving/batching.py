@@ -266,15 +266,16 @@ class MicroBatcher:
 
     def run_group(self, group: list) -> None:
         started = time.perf_counter()
+        batch = np.concatenate([p.images for p in group])
         try:
-            outputs = self.run(np.concatenate([p.images for p in group]))
+            outputs = self.run(batch)
         except Exception as e:  # the model's failure is every waiting request's failure, not the server's
             for p in group:
                 p.result = (None, e)
             return
         with self.lock:
             self.batches += 1
-        self.stats.batch(len(outputs[0]), time.perf_counter() - started)
+        self.stats.batch(len(batch), time.perf_counter() - started)
         start = 0
         with self.python:
             for p in group:
