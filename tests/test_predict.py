@@ -373,3 +373,17 @@ def test_a_part_missing_at_the_merge_is_one_line_and_no_output(tmp_path):
     store.save(1, 4, 8, [row] * 4, fmt.body([row] * 4))
     store.merge(fmt)
     assert (tmp_path / "preds.csv").read_text().count("\n") == 11 and not store.folder.fs.exists(store.folder.path)
+
+
+def test_each_row_names_its_three_best_classes_best_first_and_a_tie_goes_to_the_lower_class():
+    from mnist_dist.inference.inputs import Item
+    from mnist_dist.inference.outputs import rows_for
+
+    pixels = np.zeros((28, 28), np.float32)
+    items = [Item(0, "a.png", pixels), Item(1, "b.png", error="not an image"), Item(2, "c.png", pixels)]
+    probabilities = np.array([[0.02, 0.10, 0.30, 0.02, 0.30, 0.02, 0.02, 0.02, 0.10, 0.10],
+                              [0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.91, 0.01, 0.01]], np.float32)
+    rows = rows_for(items, [items[0], items[2]], probabilities, {"classes": [str(c) for c in range(10)]})
+    assert [r["prediction"] for r in rows] == [2, None, 7] and rows[1]["error"] == "not an image"
+    assert [c for c, _ in rows[0]["top3"]] == [2, 4, 1] and rows[0]["confidence"] == pytest.approx(0.30)
+    assert rows[2]["top3"][0][0] == 7 and rows[1]["top3"] == []

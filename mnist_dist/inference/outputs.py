@@ -7,8 +7,6 @@ import json
 import textwrap
 from pathlib import PurePosixPath
 
-import numpy as np
-
 from .. import extras
 from ..errors import UserError
 from .inputs import Item
@@ -21,14 +19,14 @@ def rows_for(items: list, good: list, probabilities, manifest: dict, with_probab
     ``manifest.probabilities`` gives them; None if there are none), the error for the others. With
     ``with_probabilities``, each row also carries all of them, one per class."""
     names = [int(c) for c in manifest["classes"]]
-    scores = probabilities if good else np.zeros((0, len(names)))
-    # The three best of every row at once (ties: the lower class first), then plain Python numbers: per row,
-    # numpy calls cost more than the work they do.
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :3].tolist()
-    answers = iter(zip(scores.tolist(), best))
+    classes = range(len(names))
+    # Plain Python numbers, and each row's three best by a sort of its ten (stable: ties, the lower class first):
+    # for the one or few images of a served request, numpy's per-call cost is most of the work.
+    answers = iter(probabilities.tolist() if good else ())
     rows = []
     for item in items:
-        p, top = (None, None) if item.error else next(answers)
+        p = None if item.error else next(answers)
+        top = None if p is None else sorted(classes, key=p.__getitem__, reverse=True)[:3]
         row = make_row(item, names, p, top)
         if with_probabilities:
             row["probabilities"] = p
