@@ -445,6 +445,9 @@ def parse_storage_options(text: str) -> dict:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Server processes on the one port, each with its own model session; the cores are split "
                    "between them.")
+@click.option("--model-threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Threads taking batches to the model in each server process: with two, one prepares and answers "
+                   "while the other is in the model. On 2 cores one answered more requests.")
 @click.option("--model-name", "model_name", default="mnist", show_default=True,
               help="The model's name in the Open Inference Protocol routes (/v2/models/NAME/...).")
 @click.option("--access-log", type=click.Path(dir_okay=False, allow_dash=True),
@@ -452,7 +455,7 @@ def parse_storage_options(text: str) -> dict:
 @friendly_errors
 @requires("serve")
 def serve(model_dir, model_file, runtime, host, port, threads, batching, max_batch, max_wait_ms, max_body_mb,
-          max_pixels, max_queue, timeout_s, drain_s, workers, model_name, access_log):
+          max_pixels, max_queue, timeout_s, drain_s, workers, model_threads, model_name, access_log):
     """Serve the exported model over HTTP: the Open Inference Protocol (/v2/...), a simpler JSON API
     (POST /v1/predict), Prometheus metrics (/metrics), liveness (/healthz, /v2/health/live), readiness
     (/v2/health/ready) and a page at / to draw a digit on. Needs the serve extra (pip install "mnist-dist[serve]")."""
@@ -460,7 +463,8 @@ def serve(model_dir, model_file, runtime, host, port, threads, batching, max_bat
     from .serving.server import serve as run_server
 
     options = ServeOptions(model_dir, model_file, threads, batching, max_batch, max_wait_ms, int(max_body_mb * 2**20),
-                           runtime, model_name, max_queue, timeout_s, max_pixels, drain_s, access_log)
+                           runtime, model_name, max_queue, timeout_s, max_pixels, drain_s, access_log,
+                           model_threads)
     run_server(options, host, port, workers, log=click.echo)
 
 

@@ -38,9 +38,11 @@ def stop(proc) -> int:
 
 @pytest.fixture(scope="module")
 def server(exported_model, tmp_path_factory):
-    """(base URL, access log path, process id) of one server for the module's read-mostly tests."""
+    """(base URL, access log path, process id) of one server for the module's read-mostly tests, with two model
+    threads (one is the default)."""
     log = tmp_path_factory.mktemp("access") / "access.jsonl"
-    proc, url = start_server(exported_model, "--access-log", log)
+    proc, url = start_server(exported_model, "--access-log", log, "--model-threads", 2)
+    assert httpx.get(url + "v1/model").json()["batching"]["model_threads"] == 2
     yield url, log, proc.pid
     assert stop(proc) == 0
 
@@ -304,7 +306,8 @@ def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(e
 
 
 def test_model_threads_run_batches_side_by_side(exported_model, test_images):
-    served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1)), 0.5)
+    served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1,
+                                      model_threads=2)), 0.5)
     app = create_app(served)
     answers = asyncio.run(burst(app, 2, oip_body(test_images[0][:1])))
     assert [a.status_code for a, _ in answers] == [200, 200]

@@ -62,9 +62,6 @@ RETRY_AFTER_S = 1
 # 0.2-3 ms about the same; on the Zen 5 EPYC (OIP binary, two model threads) 0.2 ms answered 1.21x the requests of
 # 1 ms, and 0.1 ms 1.03x those of 0.2 ms in a second run (0.05 ms 1.06x: within noise).
 SWITCH_INTERVAL_S = 0.0001
-# Model threads per server process: while one runs the model (no GIL), the other prepares and answers its own batch.
-# Measured at 32 clients on 2 cores, 2 answered 9-16% more requests than 1 (OIP and /v1), 3 no more than 2.
-BATCHERS = 2
 
 
 @dataclass
@@ -83,6 +80,10 @@ class ServeOptions:
     max_pixels: int = MAX_PIXELS
     drain_s: float = 20.0
     access_log: str | None = None  # a file, or "-" for standard output
+    # Threads taking batches to the model in each process. With two, one prepares and answers while the other is
+    # in the model; on 2 cores they also run the model side by side and starve the event loop: measured there
+    # (alternated side by side, 0.1 ms switch interval), one answered more requests at 1 and at 32 clients.
+    model_threads: int = 1
 
 
 @dataclass
@@ -108,15 +109,16 @@ def load(options: ServeOptions) -> Served:
         raise UserError(f"--model {options.model}: the server runs ONNX models (model.onnx or model.int8.onnx)")
     # Requests come one image at a time: "auto" chooses for batches of one. The event loop shares the cores with
     # the model: no spinning threads.
-    model = open_model(path, options.runtime, options.threads or model_threads(workers=1), batch=1, spin=False)
+    threads = options.threads or run_threads(workers=1, model_threads=options.model_threads)
+    model = open_model(path, options.runtime, threads, batch=1, spin=False)
     return Served(options, model)
 
 
-def model_threads(workers: int) -> int:
+def run_threads(workers: int, model_threads: int) -> int:
     """The threads of one model run in each server process: its share of the physical cores, less one for its
-    event loop, split between its model threads (BATCHERS). Measured on 2 cores: 1 thread per run answered more
-    requests than 2, alone and at 32 clients."""
-    return max(1, (physical_cores() // workers - 1) // BATCHERS)
+    event loop, split between its model threads. Measured on 2 cores: 1 thread per run answered more requests
+    than 2, alone and at 32 clients."""
+    return max(1, (physical_cores() // workers - 1) // model_threads)
 
 
 def create_app(served: Served) -> FastAPI:
@@ -189,7 +191,7 @@ def make_batcher(served: Served) -> MicroBatcher:
     if not options.batching:
         return Unbatched(served.scored, stats=metrics.BatcherStats())
     return MicroBatcher(served.scored, options.max_batch, options.max_wait_ms / 1000, options.max_queue or None,
-                        stats=metrics.BatcherStats(), threads=BATCHERS)
+                        stats=metrics.BatcherStats(), threads=options.model_threads)
 
 
 async def warm_up(served: Served) -> None:
@@ -473,7 +475,8 @@ def describe(served: Served, batcher) -> dict:
             "temperature": manifest_lib.temperature(manifest),
             "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()},
             "batching": {"on": options.batching, "max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
-                         "max_queue": options.max_queue, "model_runs": batcher.batches},
+                         "max_queue": options.max_queue, "model_threads": len(batcher.threads),
+                         "model_runs": batcher.batches},
             "max_body_bytes": options.max_body, "max_pixels": options.max_pixels}
 
 

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, replace
 
 from ..errors import UserError
-from .app import ServeOptions, load, model_threads
+from .app import ServeOptions, load, run_threads
 
 WORKER_OPTIONS = "MNIST_DIST_SERVE_OPTIONS"  # how the supervisor hands the options to the workers it spawns
 
@@ -37,7 +37,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log=print) -> None:
     if workers > 1:  # the cores are split between the workers' sessions
         options = replace(options, threads=max(1, options.threads // workers) if options.threads else
-                          model_threads(workers))
+                          run_threads(workers, options.model_threads))
     served = load(options)  # every start-up error, once, here, before any worker starts
     sock = bind(host, port)
     batching = (f"micro-batching up to {options.max_batch} images or {options.max_wait_ms:g} ms"
