@@ -418,8 +418,9 @@ def parse_storage_options(text: str) -> dict:
               help="Which ONNX file of the folder to serve: model.onnx or model.int8.onnx.")
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
               show_default=True,
-              help="auto: the faster for single requests on this machine (bench.json beside the model, else "
-                   "onnxruntime, which answered single images sooner); openvino-bf16 needs native bf16.")
+              help="auto: the faster for batches of --max-batch on this machine, as under load (bench.json beside "
+                   "the model, else as measured: OpenVINO, if installed, with AVX-512 or for int8 models; "
+                   "onnxruntime otherwise); openvino-bf16 needs native bf16.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")

@@ -76,6 +76,9 @@ def test_auto_follows_the_benchmark_beside_the_model(exported_model, tmp_path):
     (folder / "bench.json").write_text(json.dumps({"results": rows}))
     assert runtimes.choose_runtime(folder / "model.onnx", "auto", 1)[0] == "onnxruntime"
     assert runtimes.choose_runtime(folder / "model.onnx", "auto", 256)[0] == "openvino"  # 1024 is nearer than 1
+    # The server chooses for its largest batch, as under load: here OpenVINO, slower for one image, faster for many.
+    assert load(ServeOptions(str(folder), threads=1)).model.description.startswith("openvino CPU fp32")
+    assert load(ServeOptions(str(folder), threads=1, max_batch=1)).model.description.startswith("onnxruntime")
 
 
 def test_auto_without_a_benchmark_follows_what_was_measured_on_each_cpu(exported_model, monkeypatch):
