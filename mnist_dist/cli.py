@@ -419,8 +419,8 @@ def parse_storage_options(text: str) -> dict:
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
               show_default=True,
               help="auto: the faster for batches of --max-batch on this machine, as under load (bench.json beside "
-                   "the model, else as measured: OpenVINO, if installed, with AVX-512 or for int8 models; "
-                   "onnxruntime otherwise); openvino-bf16 needs native bf16.")
+                   "the model, else as measured: OpenVINO, if installed, from batches of 64 with AVX-512 or for "
+                   "int8 models; onnxruntime otherwise); openvino-bf16 needs native bf16.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
