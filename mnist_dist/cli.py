@@ -8,7 +8,8 @@ import click
 from . import extras
 from .errors import UserError
 from .inference.runtimes import RUNTIME_CHOICES
-from .launch import interruptible, launched_rank
+from .interrupt import interruptible
+from .launch import launched_rank
 
 
 def friendly_errors(func):

@@ -169,7 +169,7 @@ def test_the_lock_names_its_holder_and_is_free_again_after(tmp_path):
 
 HALF_BUILT = """
 import os, signal
-from mnist_dist.launch import interruptible
+from mnist_dist.interrupt import interruptible
 
 class HalfBuilt:  # as tqdm is when the signal lands in its __init__: its finaliser needs what was never set
     def __init__(self):

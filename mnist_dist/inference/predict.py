@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import atomic, extras, launch, locks
+from .. import atomic, collective, extras, launch, locks
 from ..errors import UserError
 from . import manifest as manifest_lib
 from . import storage
@@ -181,7 +181,7 @@ def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
         here.append(prepare(opts, accelerator))
         return here[0].index.total, here[0].fingerprint
 
-    check_same_inputs(launch.agree(accelerator, prepare_here))
+    check_same_inputs(collective.agree(accelerator, prepare_here))
     model, index, out, fmt, threads = here[0].model, here[0].index, here[0].out, here[0].fmt, here[0].threads
     started = time.perf_counter()  # end to end from here: decoding, labelling, writing
     chunk = chunk_size(index.total, opts.chunk_size)
@@ -189,7 +189,7 @@ def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
                 "chunk": chunk, "invert": opts.invert, "format": fmt.name, "batch": opts.batch_size}
     store = ChunkStore(out, identity, index.total, chunk) if out else None
     if store is not None:
-        launch.on_main_process(accelerator, lambda: begin(store, opts.resume, held))
+        collective.on_main_process(accelerator, lambda: begin(store, opts.resume, held))
     accelerator.wait_for_everyone()
 
     mine = share(chunk_ranges(index.total, chunk), accelerator)
@@ -200,7 +200,7 @@ def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
     accelerator.wait_for_everyone()
     stats = gather_stats(accelerator, labelled, failed, model_s, model.description)
     if store is not None:
-        launch.on_main_process(accelerator, lambda: store.merge(fmt))
+        collective.on_main_process(accelerator, lambda: store.merge(fmt))
     summary = summarise(index.total, stats["failed"], stats["labelled"], time.perf_counter() - started,
                         stats["model_images_per_s"], stats["runtimes"])
     return {**summary, "peak_rss_mb": stats["peak_rss_mb"]}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .. import atomic, launch, locks
+from .. import atomic, collective, launch, locks
 from ..data import batches, mnist
 from ..errors import UserError
 from ..model import CNN, count_parameters
@@ -316,7 +316,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         with ExitStack() as held:
             # One run per folder, for the run's whole life, taken once the processes can agree on the answer.
-            launch.on_main_process(accelerator, lambda: held.enter_context(
+            collective.on_main_process(accelerator, lambda: held.enter_context(
                 locks.exclusive(out / locks.RUN_LOCK, f"--output-dir {out}")))
             check_output_dir(cfg, resume_state)
             return _run(cfg, setup, accelerator, resume_state, out, started)
