@@ -13,10 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from mnist_dist.data import mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# Fixtures that train, export or quantize a model: every test that uses one is in the slow tier. Tests that launch
+# jobs, start servers or build environments are marked `slow` where they are written.
+SLOW_FIXTURES = {"trained_run", "run_copy", "exported", "exported_model"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -158,6 +171,26 @@ def png_bytes(pixels: np.ndarray, **options) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", **options)
     return buffer.getvalue()
+
+
+def locked_versions(lock: Path) -> dict:
+    """{package: version} from a lock of ``name==version ; marker`` lines, for this interpreter."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate():
+                (spec,) = requirement.specifier
+                pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def skip_unless_required(reason: str) -> None:
+    """Skip a test whose optional piece (an extra, a browser) is missing, except where $MNIST_DIST_REQUIRE_ALL is
+    set, as CI sets it: there every test must run, and a missing piece fails it."""
+    if os.environ.get("MNIST_DIST_REQUIRE_ALL"):
+        pytest.fail(f"required here ($MNIST_DIST_REQUIRE_ALL): {reason}")
+    pytest.skip(reason, allow_module_level=True)
 
 
 def cpu_flags() -> set:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from packaging.utils import canonicalize_name
 
-from conftest import ROOT, cpu_env, run, write_test_pngs
+from conftest import ROOT, cpu_env, locked_versions, run, write_test_pngs
 
 TRAINING_STACK = ("torch", "accelerate", "onnx", "torchvision", "matplotlib")
 
@@ -134,16 +135,18 @@ def test_predict_on_onnx_needs_no_training_stack(exported_model, pngs, tmp_path)
 
 
 def lean_venv(tmp_path: Path) -> Path:
-    """A new virtual environment holding `pip install ".[serve]"` of a clean copy of this checkout, and nothing
-    else: no torch, no accelerate, no onnx."""
+    """A new virtual environment holding the README's locked server install, `pip install -c
+    constraints/serve.txt ".[serve]"`, of a clean copy of this checkout, and nothing else: no torch, no
+    accelerate, no onnx."""
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "__pycache__",
                                                                   ".pytest_cache", "runs", "artifacts"))
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{source}[serve]"],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c",
+                    source / "constraints" / "serve.txt", f"{source}[serve]"], check=True, capture_output=True,
+                   timeout=600)
     return python
 
 
@@ -152,8 +155,14 @@ def test_the_lean_install_predicts_and_serves_as_the_full_one(exported_model, pn
     python = lean_venv(tmp_path)
     installed = subprocess.run([python, "-m", "pip", "list", "--format", "json"], check=True, capture_output=True,
                                text=True).stdout
-    names = {p["name"].lower() for p in json.loads(installed)}
+    versions = {canonicalize_name(p["name"]): p["version"] for p in json.loads(installed)}
+    names = set(versions)
     assert "onnxruntime" in names and "fastapi" in names
+    # The lock still resolves, and holds the whole install: every package at its locked version.
+    pins = locked_versions(ROOT / "constraints" / "serve.txt")
+    venv_own = ("pip", "setuptools", "mnist-dist")
+    installed_deps = {name: version for name, version in versions.items() if name not in venv_own}
+    assert {name: pins.get(name) for name in installed_deps} == installed_deps
     assert not names & {"torch", "torchvision", "accelerate", "onnx", "onnxscript", "matplotlib"}
     lean_env = cpu_env(PYTHONPATH="")  # the venv's own site-packages only
     outs = {}
