@@ -5,6 +5,8 @@ import pytest
 
 from conftest import file_hashes, run, train_job
 
+pytestmark = pytest.mark.slow  # every test starts a job to see it refused
+
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0

@@ -116,6 +116,7 @@ def test_corrupt_labels_are_rejected(data_copy):
         mnist.load_split("test", data_copy, download=False)
 
 
+@pytest.mark.slow  # trains
 def test_train_job_reports_corrupt_data_in_one_line(data_copy, tmp_path):
     path = mnist.raw_folder(data_copy) / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:1000])
@@ -161,6 +162,7 @@ def test_one_process_sees_every_image_once_per_epoch():
     assert len(shard) == 469 * 128 and set(shard) == set(range(60_000))  # 32 padding repeats at the end
 
 
+@pytest.mark.slow  # builds a wheel
 def test_a_built_wheel_carries_the_bundled_mnist(tmp_path):
     # From a copy without the editable install's egg-info, whose file list would otherwise smuggle the data in.
     source = tmp_path / "source"

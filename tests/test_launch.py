@@ -12,6 +12,8 @@ from mnist_dist.sysinfo import physical_cores
 
 from conftest import ROOT, accelerate_launch, cpu_env, run, sigkill_when, train_job
 
+pytestmark = pytest.mark.slow  # every test launches the training job
+
 SMOKE = ["--epochs", 1, "--limit-batches", 20]
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import ROOT, accelerate_launch, cpu_env, free_port, root_cause_exit_code, run, write_test_pngs
 
+pytestmark = pytest.mark.slow  # every test launches predict jobs
+
 TWO_PROCESSES = ["--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
                  "--dynamo_backend", "no"]
 

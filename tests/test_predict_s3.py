@@ -19,6 +19,8 @@ from mnist_dist.data import mnist
 
 from conftest import ROOT, cpu_env, free_port, launch_cmd, root_cause_exit_code, run, wait_for, write_test_pngs
 
+pytestmark = pytest.mark.slow  # every test starts moto's S3 server and predict jobs
+
 
 @pytest.fixture(scope="module")
 def s3():

@@ -1,7 +1,6 @@
 """mnist-dist serve: the API answers as predict does, survives bad input and load, and the page works in a browser."""
 import base64
 import json
-import os
 import re
 import shutil
 import socket
@@ -13,14 +12,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from python_multipart.multipart import parse_options_header
 
 from mnist_dist.inference import predict
 from mnist_dist.serving.app import ServeOptions, create_app, load
 from mnist_dist.serving.errors import BadRequest
 from mnist_dist.serving.forms import parse_form
 
-from conftest import png_bytes, run, start_server, write_test_pngs
+from conftest import png_bytes, run, skip_unless_required, start_server, write_test_pngs
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -96,16 +94,17 @@ def test_multipart_forms_are_read_as_clients_write_them():
     assert [(p.name, p.filename, p.data) for p in parse_form(padded, "multipart/form-data; boundary=b", 10)] == [
         ("file", "d.png", png)]
     assert parse_form(b"--b--\r\n", "multipart/form-data; boundary=b", 10) == []
-    # However a part's Content-Disposition is written, its name and filename are python-multipart's reading.
-    for disposition in [b'form-data; name="file"; filename="d.png"', b'form-data; name="a;b"; filename=""',
-                        b'form-data; name="x"', b'form-data; name="x"; filename="C:\\dir\\d.png"',
-                        b"form-data; name=\"x\"; filename*=UTF-8''%E5%90%8D.png", b'form-data; filename="f"; name="x"',
-                        b'form-data; name="x\\"y"; filename="z"']:
-        _, options = parse_options_header(disposition)
+    # However a part's Content-Disposition is written, its name and filename read as RFC 7578 and browsers write them.
+    for disposition, expected in [
+        (b'form-data; name="file"; filename="d.png"', ("file", "d.png")),
+        (b'form-data; name="a;b"; filename=""', ("a;b", "")),
+        (b'form-data; name="x"', ("x", None)),
+        (b'form-data; name="x"; filename="C:\\dir\\d.png"', ("x", "d.png")),  # old browsers sent the whole path
+        (b'form-data; filename="f"; name="x"', ("x", "f")),
+        (b'form-data; name="x\\"y"; filename="z"', ('x"y', "z")),
+    ]:
         part = parse_form(b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nv\r\n--b--",
                           "multipart/form-data; boundary=b", 10)[0]
-        filename = options.get(b"filename")
-        expected = (options[b"name"].decode(), None if filename is None else filename.decode())
         assert (part.name, part.filename) == expected, disposition
 
 
@@ -153,7 +152,6 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_answering(client,
     folder, labels = test_pngs
     good = (folder / "002.png").read_bytes()
     cases = bad_requests(good)
-    assert len(cases) >= 8
     for what, request, status in cases * 16:  # 224 bad requests
         if "streamed" in what:
             request = dict(request, content=iter([b"x" * 2**20] * 6))  # a fresh stream each time
@@ -230,7 +228,7 @@ def test_start_up_errors_are_one_line(exported_model, tmp_path):
 
 
 def browser_or_skip():
-    """Debian's Chromium driven by Playwright; skipped with a reason where either is missing, unless CI asks."""
+    """Debian's Chromium driven by Playwright; skipped with a reason where either is missing, unless required."""
     chromium = shutil.which("chromium")
     reason = None
     try:
@@ -240,9 +238,7 @@ def browser_or_skip():
     if chromium is None:
         reason = "no chromium on PATH (apt-get install -y chromium)"
     if reason:
-        if os.environ.get("MNIST_DIST_REQUIRE_BROWSER"):
-            pytest.fail(f"the browser test is required here: {reason}")
-        pytest.skip(reason)
+        skip_unless_required(reason)
     return chromium, sync_playwright
 
 

@@ -26,7 +26,9 @@ from mnist_dist.inference.models import open_model
 from mnist_dist.serving.app import ServeOptions, create_app, load
 from mnist_dist.serving.batching import Doorbell, Job, MicroBatcher
 
-from conftest import calibrated_softmax, png_bytes, start_server
+from conftest import calibrated_softmax, png_bytes, start_server, wait_for
+
+pytestmark = pytest.mark.slow  # the tests start servers and drive them under load
 
 INFER = "v2/models/mnist/infer"
 
@@ -183,10 +185,13 @@ def test_request_ids_are_echoed_or_made_and_logged(server):
     assert given.headers["x-request-id"] == "trace-42"
     assert re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]+", made.headers["x-request-id"])
     assert httpx.get(url + "v2/health/live", headers={"X-Request-ID": "bad\tid"}).headers["x-request-id"] != "bad\tid"
-    time.sleep(0.1)
-    lines = [json.loads(line) for line in Path(log).read_text().splitlines()]
-    ours = [line for line in lines if line["request_id"] in ("trace-42", made.headers["x-request-id"])]
-    assert len(ours) == 2 and all(line["status"] == 200 and line["path"] == "/v2/health/live" for line in ours)
+
+    def ours() -> list:
+        lines = [json.loads(line) for line in Path(log).read_text().splitlines()]
+        return [line for line in lines if line["request_id"] in ("trace-42", made.headers["x-request-id"])]
+
+    wait_for(lambda: len(ours()) >= 2, timeout=30)  # the log line is written after the answer is sent
+    assert len(ours()) == 2 and all(line["status"] == 200 and line["path"] == "/v2/health/live" for line in ours())
 
 
 def test_a_small_png_of_144_million_pixels_is_refused_at_no_memory_cost(server):
@@ -199,7 +204,7 @@ def test_a_small_png_of_144_million_pixels_is_refused_at_no_memory_cost(server):
     for _ in range(3):
         response = httpx.post(url + "v1/predict", files={"file": ("bomb.png", bomb)})
         assert response.status_code == 400 and "over the limit" in response.json()["error"]
-    assert peak_rss_mb(pid) - peak < 5
+    assert peak_rss_mb(pid) - peak < 50  # decoded, it would take 144 MB
 
 
 def test_a_text_field_named_file_and_too_many_images_are_client_errors(server):
@@ -257,13 +262,17 @@ def test_the_load_generator_counts_every_answer_and_catches_wrong_ones(server, t
 def test_a_full_queue_answers_503_with_retry_after_at_once(exported_model, test_images):
     served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_queue=4,
                                       max_batch=2)), 0.2)
-    answers = asyncio.run(burst(create_app(served), 24, oip_body(test_images[0][:1])))
+    app = create_app(served)
+    answers = asyncio.run(burst(app, 24, oip_body(test_images[0][:1])))
     statuses = [a.status_code for a, _ in answers]
     assert set(statuses) == {200, 503} and statuses.count(503) >= 12, statuses
     refused = [(a, seconds) for a, seconds in answers if a.status_code == 503]
     assert all(a.headers["retry-after"] == "1" and "waiting for the model" in a.json()["error"] for a, _ in refused)
-    # At once: a refused request waits for the batcher to look at it (at most one slowed run), never for the queue.
-    assert max(seconds for _, seconds in refused) < 0.2 + 0.5
+    # At once: every refusal was sent before the queue it was refused from had drained, i.e. before the last
+    # answer that the model gave.
+    answered = [seconds for a, seconds in answers if a.status_code == 200]
+    assert max(seconds for _, seconds in refused) < max(answered)
+    assert app.state.batcher.batches >= 2
 
 
 def test_a_request_that_waits_too_long_gets_504(exported_model, test_images):
@@ -306,13 +315,19 @@ def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(e
 
 
 def test_model_threads_run_batches_side_by_side(exported_model, test_images):
-    served = slowed(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1,
-                                      model_threads=2)), 0.5)
+    served = load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1, model_threads=2))
+    run, both_inside = served.model.run, threading.Barrier(2, timeout=60)
+
+    def run_when_both_are_inside(images):
+        if threading.current_thread().name.startswith("batcher-"):  # a model thread, not the warm-up before them
+            both_inside.wait()  # one model thread would wait here alone until the barrier breaks
+        return run(images)
+
+    served.model = dataclasses.replace(served.model, run=run_when_both_are_inside)
     app = create_app(served)
     answers = asyncio.run(burst(app, 2, oip_body(test_images[0][:1])))
     assert [a.status_code for a, _ in answers] == [200, 200]
-    # One model thread would answer the second after both runs (1 s); two run them together.
-    assert len(app.state.batcher.threads) == 2 and max(seconds for _, seconds in answers) < 0.9
+    assert len(app.state.batcher.threads) == 2 and not both_inside.broken
 
 
 def test_a_ring_wakes_one_idle_model_thread_and_work_already_there_is_not_slept_through():
@@ -325,18 +340,17 @@ def test_a_ring_wakes_one_idle_model_thread_and_work_already_there_is_not_slept_
     threads = [threading.Thread(target=idle, args=(name,)) for name in "ab"]
     for thread in threads:
         thread.start()
-    while len(doorbell.idle) < 2:
-        time.sleep(0.001)
+    wait_for(lambda: len(doorbell.idle) == 2)
     doorbell.ring()
-    time.sleep(0.2)
-    assert len(woke) == 1  # threading.Event would have woken both
+    wait_for(lambda: len(woke) == 1)
+    assert len(doorbell.idle) == 1  # the other is still asleep and listed; threading.Event would have woken both
     doorbell.ring()
     for thread in threads:
-        thread.join(5)
+        thread.join(60)
     assert sorted(woke) == ["a", "b"] and not doorbell.idle
     started = time.perf_counter()
-    doorbell.wait(threading.Event(), lambda: True, timeout=5)  # ready before the wait: no wait at all
-    assert time.perf_counter() - started < 1 and not doorbell.idle
+    doorbell.wait(threading.Event(), lambda: True, timeout=60)  # ready before the wait: no wait at all
+    assert time.perf_counter() - started < 30 and not doorbell.idle
 
 
 class Timed(Job):
@@ -365,10 +379,11 @@ def timed(spans: list, kind: str):
 
 def test_model_threads_take_turns_at_python_and_run_the_model_together():
     spans: list = []
+    both_inside = threading.Barrier(2, timeout=60)
 
     def model(batch):
         with timed(spans, "model"):
-            time.sleep(0.2)
+            both_inside.wait()  # each run waits for the other thread's: they can only finish side by side
         return (np.zeros((len(batch), 10), np.float32),)
 
     async def four_jobs():
@@ -383,9 +398,9 @@ def test_model_threads_take_turns_at_python_and_run_the_model_together():
     model_runs = sorted((start, end) for kind, start, end in spans if kind == "model")
     assert len(python) == 8 and len(model_runs) == 4
     # Never two threads in Python at once (they would hand the GIL to each other at every release), while the
-    # model runs of both threads overlap, and overlap the other thread's Python.
+    # model runs of both threads overlap (the barrier let none finish alone).
     assert all(earlier[1] <= later[0] for earlier, later in zip(python, python[1:]))
-    assert any(earlier[1] > later[0] for earlier, later in zip(model_runs, model_runs[1:]))
+    assert not both_inside.broken
 
 
 def test_model_threads_taking_jobs_at_once_neither_fail_nor_lose_one():

@@ -10,7 +10,9 @@ from mnist_dist.atomic import read_jsonl
 from mnist_dist.sysinfo import physical_cores
 from mnist_dist.training import checkpoint
 
-from conftest import ROOT, accelerate_launch, cpu_env, cpu_flags, run, train_job
+from conftest import ROOT, accelerate_launch, cpu_env, cpu_flags, free_port, run, train_job
+
+pytestmark = pytest.mark.slow  # every test trains
 
 METRIC_KEYS = {"epoch", "train_loss", "test_accuracy", "test_loss", "test_samples", "images_per_s", "wall_s"}
 
@@ -107,7 +109,7 @@ def test_two_processes_without_the_cpu_flag_still_join_over_gloo(tmp_path):
 
 def test_two_machines_on_loopback_train_together(tmp_path):
     out = tmp_path / "out"
-    port = 29_500 + (hash(str(tmp_path)) % 1000)
+    port = free_port()
     machines = ["--multi_gpu", "--num_machines", 2, "--num_processes", 2, "--main_process_ip", "127.0.0.1",
                 "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
     job = ["jobs/train.py", "--output-dir", out, "--preset", "tutorial", "--epochs", 1, "--limit-batches", 10]
@@ -155,6 +157,7 @@ def test_onecycle_resume_with_other_steps_per_epoch_is_refused_before_training()
 
 
 def test_overwrite_replaces_a_finished_run_with_another_preset(run_copy):
+    native_bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})  # before the run: it may skip
     replaced = checkpoint.latest_checkpoint(run_copy).read_bytes()
     proc = train_job("--output-dir", run_copy, "--preset", "best", "--epochs", 1, "--limit-batches", 4, "--overwrite")
     assert "Recipe (best): 1 epoch, Adam lr 0.005 onecycle (warm-up 0.3), label smoothing 0.1, augmentation on" \
@@ -166,4 +169,4 @@ def test_overwrite_replaces_a_finished_run_with_another_preset(run_copy):
     config = json.loads((run_copy / "config.json").read_text())
     assert (config["preset"], config["label_smoothing"], config["augment"], config["limit_batches"]) == \
         ("best", 0.1, True, 4)
-    assert config["mixed_precision"] == ("bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "no")
+    assert config["mixed_precision"] == ("bf16" if native_bf16 else "no")
