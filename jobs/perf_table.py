@@ -1,7 +1,8 @@
-"""Regenerate the README's benchmark tables from the committed benchmark JSON; never edit them by hand.
+"""Regenerate the generated tables of README.md and docs/*.md from the committed benchmark JSON and the code;
+never edit them by hand.
 
-    python jobs/perf_table.py             # rewrites each table in README.md between its markers
-    python jobs/perf_table.py --check     # exit 1 if any table in README.md is out of date
+    python jobs/perf_table.py             # rewrites each table between its markers, in whichever page holds them
+    python jobs/perf_table.py --check     # exit 1 if any table is out of date
 
 Each table sits between <!-- NAME-table:start --> and <!-- NAME-table:end --> and is drawn by its
 benchmark's own module from the files listed here.
@@ -46,30 +47,42 @@ def render(name: str, root: Path) -> str:
 
 
 def replace_table(text: str, name: str, table: str) -> str:
+    """``text`` with the table between NAME's markers replaced; ``text`` unchanged where it has no markers."""
     start, end = f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
     if start not in text or end not in text:
-        raise click.ClickException(f"the README has no {start} ... {end} markers")
+        return text
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{table}\n{end}{tail}"
 
 
+def pages(root: Path) -> list:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 @click.command()
-@click.option("--readme", default="README.md", show_default=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--check", is_flag=True, help="Only check that the README's tables are up to date.")
-def main(readme, check):
-    """Write (or --check) every benchmark table in the README from the committed benchmark files."""
-    readme = Path(readme)
-    text = readme.read_text()
-    updated = text
+@click.option("--root", default=".", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="The checkout whose README.md and docs/*.md hold the tables.")
+@click.option("--check", is_flag=True, help="Only check that the tables are up to date.")
+def main(root, check):
+    """Write (or --check) every generated table in README.md and docs/*.md."""
+    root = Path(root)
+    texts = {page: page.read_text() for page in pages(root)}
+    updated = dict(texts)
     for name in TABLES:
-        updated = replace_table(updated, name, render(name, readme.parent))
+        table = render(name, root)
+        placed = {page: replace_table(text, name, table) for page, text in updated.items()}
+        if all(f"<!-- {name}-table:start -->" not in text for text in placed.values()):
+            raise click.ClickException(f"no page has the <!-- {name}-table:start --> ... end markers")
+        updated = placed
+    stale = [str(page.relative_to(root)) for page in texts if updated[page] != texts[page]]
     if check:
-        if updated != text:
-            raise click.ClickException(f"{readme}'s benchmark tables are out of date: run jobs/perf_table.py")
+        if stale:
+            raise click.ClickException(f"generated tables out of date in {', '.join(stale)}: run jobs/perf_table.py")
         return
-    write_text(readme, updated)
-    click.echo(f"Updated {len(TABLES)} table(s) in {readme}")
+    for page in stale:
+        write_text(page, updated[page])
+    click.echo(f"Updated {len(stale)} page(s): {', '.join(stale) or 'none needed'}")
 
 
 if __name__ == "__main__":
