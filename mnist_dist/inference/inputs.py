@@ -206,8 +206,7 @@ class InputIndex:
     def read(self, start: int, stop: int) -> list:
         """The items [start, stop), in order, read in this thread; the images among them fetched all at once."""
         pieces = list(self.pieces(start, stop))
-        images = [source.place for source, _, _, _ in pieces if source.kind == "image"]
-        fetched = iter(storage.fetch(images[0].fs, [p.path for p in images]) if images else [])
+        fetched = iter(storage.fetch_places([source.place for source, _, _, _ in pieces if source.kind == "image"]))
         items = []
         for source, first, last, index in pieces:
             if source.kind == "array":
