@@ -8,7 +8,7 @@ import click
 from . import extras
 from .errors import UserError
 from .inference.runtimes import RUNTIME_CHOICES
-from .interrupt import interruptible
+from .interrupt import exit_alike, interruptible
 from .launch import launched_rank
 
 
@@ -372,25 +372,33 @@ def bench(model_dir, data_dir, json_path, batch_sizes, runtime_names, threads, p
 @click.option("--storage-options", "storage_options", default="{}", metavar="JSON",
               help='Options for the storage of URL inputs and --out, beyond what its library reads from the '
                    'environment (for S3: AWS_* variables and ~/.aws), e.g. \'{"anon": true}\'.')
+@click.option("--lease-ttl", "lease_ttl_s", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds without a renewal after which the lease on an --out in S3 is stale, and --resume may take "
+                   "it over from a run that died.")
+@click.option("--max-failed", metavar="N|FRACTION",
+              help="Exit 2 when more than N inputs (or this fraction of them, e.g. 0.01) failed, once the output is "
+                   "written. By default any number may fail: their rows say why, and the exit code is 0.")
 @threads_option
 @click.option("--cpu", is_flag=True, help="Stay on the CPU even when a GPU is present.")
 @friendly_errors
 def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_size, summary_path, runtime,
-            storage_options, threads, cpu):
+            storage_options, lease_ttl_s, max_failed, threads, cpu):
     """Label INPUTS: image files (PNG, JPEG, BMP, GIF), folders, .npy arrays or MNIST IDX files, as paths or URLs
     (s3://bucket/scans/, 's3://bucket/scans/**/*.png', gs://..., https://.../digits.npy).
 
     Runs under `accelerate launch` over any number of processes or machines: each labels its own
-    contiguous share, and the main process writes one --out in input order. Exit code 2 when any
-    input failed (its row says why); every other input is still labelled."""
+    contiguous share, and the main process writes one --out in input order. An input that cannot be read
+    gets a row saying why and every other input is still labelled; the exit code is 2 only past
+    --max-failed. Restarted by `accelerate launch --max_restarts N`, it continues from the finished chunks."""
     from . import atomic
     from .inference.outputs import to_stdout
-    from .inference.predict import JobOptions, describe, run_job
+    from .inference.predict import JobOptions, describe, failure_limit, failures_line, run_job, too_many_failed
 
+    limit = failure_limit(max_failed)
     if summary_path:
         atomic.check_output_file(summary_path, "--summary")
     options = JobOptions(inputs, model_path, out, invert, batch_size, resume, workers, threads, cpu, chunk_size,
-                         runtime, storage_options=parse_storage_options(storage_options))
+                         runtime, storage_options=parse_storage_options(storage_options), lease_ttl_s=lease_ttl_s)
     hint = (f"the finished chunks are kept beside {out}; continue with the same command and --resume"
             if not to_stdout(out) else "nothing was written; run it again")
     with interruptible(hint):
@@ -399,8 +407,10 @@ def predict(inputs, model_path, out, invert, batch_size, resume, workers, chunk_
         click.echo(describe(summary, None if to_stdout(out) else out), err=True)
         if summary_path:
             atomic.write_json(summary_path, summary)
-    if summary["failed"]:
-        raise SystemExit(2)
+        if summary["failed"]:
+            click.echo(failures_line(summary, limit), err=True)
+    if too_many_failed(summary, limit):  # every process holds the same summary, and exits the same way
+        exit_alike(2)
 
 
 def parse_storage_options(text: str) -> dict:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, suppress
+from typing import NoReturn
 
 from .launch import launched_rank, launched_world_size, under_accelerate_launch
 
@@ -98,6 +99,15 @@ def interruptible(resume_hint: str):
         sockets[0].shutdown(socket.SHUT_RDWR)  # wakes the deadline thread, which then ends
         for sock in sockets:
             sock.close()
+
+
+def exit_alike(code: int) -> NoReturn:
+    """End with ``code``, the verdict every process of the job reached together. A launcher that saw another
+    process end first sends the rest a stop signal: it must not turn this process's verdict into a kill."""
+    if under_launcher():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+    raise SystemExit(code)
 
 
 def ignore_unraisable(unraisable) -> None:

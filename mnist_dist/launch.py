@@ -139,6 +139,32 @@ def check_trackers(report_to: str) -> list:
     return [report_to]
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted the job's processes (``--max_restarts``); 0 on the first attempt."""
+    return env_int(["TORCHELASTIC_RESTART_COUNT"], 0)
+
+
+def join_restarted_group(cpu: bool) -> None:
+    """Start the process group of a restarted attempt in a namespace of its own.
+
+    torchrun's static rendezvous (the one `accelerate launch` uses) keeps one store for the whole launch, and the
+    process group's keys from the attempt that died, each rank's gloo address among them, are still there when
+    the restarted processes look for each other: a rank could read a dead peer's address, fail to connect ("Gloo
+    connectFullMesh failed ... Connection refused") and use up a restart. Keys under the restart count start
+    clean. Accelerate takes over a process group that is already started."""
+    import torch
+    import torch.distributed as dist
+
+    if restart_count() == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    if not cpu:
+        torch.cuda.set_device(env_int(["LOCAL_RANK"], 0))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo" if cpu else "nccl", store=dist.PrefixStore(f"mnist-dist/attempt-{restart_count()}",
+                                                                                store),
+                            rank=launched_rank(), world_size=launched_world_size())
+
+
 def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with=None, project_dir=None):
     """An Accelerator that works the same under python, accelerate launch, torchrun, MPI, gloo and NCCL."""
     extras.require("train", "a job of several processes or on torch")
@@ -149,6 +175,8 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with=No
     # Several processes without CUDA must talk over gloo on the CPU; without cpu=True
     # Accelerate would silently start unconnected copies that each train alone.
     cpu = cpu or (world_size > 1 and not torch.cuda.is_available())
+    if world_size > 1:
+        join_restarted_group(cpu_asked(cpu))
     try:
         accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with or None,
                                   project_dir=str(project_dir) if project_dir else None)

@@ -99,9 +99,10 @@ def accelerate_launch(*args, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "accelerate.commands.launch", *args], **kwargs)
 
 
-def launch_cmd(script: str, *args, processes: int = 2) -> list:
+def launch_cmd(script: str, *args, processes: int = 2, restarts: int = 0) -> list:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", processes,
-            "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
+            "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", "--max_restarts", restarts,
+            script, *args]
 
 
 def wait_for(condition, timeout: float = 120) -> None:

@@ -198,7 +198,7 @@ LAYERS = [
 TORCH_FREE = [
     "errors", "extras", "atomic", "locks", "scores", "sysinfo", "launch", "interrupt", "collective", "data.idx",
     "inference.manifest", "inference.runtimes", "inference.models", "inference.images", "inference.inputs",
-    "inference.outputs", "inference.chunks", "inference.storage", "inference.predict", "serving.app",
+    "inference.outputs", "inference.chunks", "inference.storage", "inference.lease", "inference.predict", "serving.app",
     "serving.batching", "serving.server", "cli"
 ]
 

@@ -20,7 +20,7 @@ from conftest import ROOT, cpu_env, launch_cmd, run, wait_for
 pytestmark = pytest.mark.slow  # every test launches a job and stops it
 
 # The default recipe (one-cycle: the schedule's state must resume too), short.
-TRAIN = ["--epochs", 2, "--limit-batches", 40, "--log-every", 10]
+TRAIN = ["--epochs", 3, "--limit-batches", 40, "--log-every", 10]
 PREDICT_CHUNK = ["--chunk-size", 250]
 
 
@@ -44,7 +44,7 @@ def stop_launcher(proc: subprocess.Popen, how: signal.Signals) -> tuple:
     return gone_after, stderr
 
 
-def weights(run_dir: Path, epoch: int = 2) -> dict:
+def weights(run_dir: Path, epoch: int = 3) -> dict:
     return torch.load(run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt", map_location="cpu", weights_only=True)["model"]
 
 
@@ -87,10 +87,32 @@ def test_training_dies_with_its_killed_launcher_and_resumes_bitwise(straight_run
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
     resumed = run(launch_cmd("jobs/train.py", "--output-dir", out, "--resume", "latest", *TRAIN),
                   env=cpu_env(ACCELERATE_USE_CPU="1"))
-    assert "after epoch 1" in resumed.stdout and [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert "after epoch 1" in resumed.stdout and [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     # It ends exactly where the uninterrupted run ended, one-cycle schedule included.
     straight, resumed_weights = weights(straight_run), weights(out)
     assert all(torch.equal(straight[name], resumed_weights[name]) for name in straight)
+
+
+def kill_a_worker_in_epoch_2(proc: subprocess.Popen) -> None:
+    """SIGKILL one worker of the launcher (not the launcher) at the first loss it prints in epoch 2."""
+    in_epoch_2 = False
+    for line in proc.stdout:
+        in_epoch_2 = in_epoch_2 or line.startswith("Epoch 2")
+        if in_epoch_2 and line.startswith("loss:"):
+            break
+    psutil.Process(proc.pid).children()[-1].kill()
+
+
+def test_a_killed_worker_is_restarted_and_training_continues_from_its_checkpoint(straight_run, tmp_path):
+    out = tmp_path / "run"
+    proc = start(launch_cmd("jobs/train.py", "--output-dir", out, *TRAIN, restarts=3))
+    kill_a_worker_in_epoch_2(proc)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "after epoch 1" in stdout  # the restarted group resumed by itself, without --resume
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    straight, restarted = weights(straight_run), weights(out)
+    assert all(torch.equal(straight[name], restarted[name]) for name in straight)
 
 
 @pytest.fixture(scope="module")

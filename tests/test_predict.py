@@ -54,14 +54,39 @@ def test_bad_files_cost_only_their_own_row(exported_model, test_digits, tmp_path
     (folder / "d_text.png").write_text("this is not an image")
     out = tmp_path / "preds.json"
     proc = run([*CLI, "predict", folder, "--model", exported_model / "model.onnx", "--out", out], check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 0  # bad records are rows, Spark's PERMISSIVE: the job itself succeeded
     assert "7 inputs, 3 failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "3 of 7 inputs failed; their rows say why" in proc.stderr
     rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(out.read_text())}
     for name in ("b_corrupt.png", "c_truncated.jpg", "d_text.png"):
         assert rows[name]["error"] and rows[name]["prediction"] is None
     for i in range(4):
         row = rows[f"digit_{i:04d}.png"]
         assert row["error"] == "" and row["prediction"] == predict_one(exported_model, pixels[i])
+
+
+def test_max_failed_is_a_count_or_a_fraction_of_the_inputs(exported_model, test_digits, tmp_path):
+    from click.testing import CliRunner
+
+    from mnist_dist.cli import main
+
+    np.save(tmp_path / "digits.npy", test_digits[0][:7])
+    for i in range(3):
+        (tmp_path / f"broken{i}.png").write_bytes(b"not an image")
+    inputs = [str(tmp_path / "digits.npy"), *(str(tmp_path / f"broken{i}.png") for i in range(3))]  # 3 of 10 fail
+    codes = {}
+    for limit in ("0", "2", "3", "0.25", "0.3", "none"):
+        extra = [] if limit == "none" else ["--max-failed", limit]
+        result = CliRunner().invoke(main, ["predict", *inputs, "--model", str(exported_model / "model.onnx"),
+                                           "--out", str(tmp_path / "p.csv"), *extra])
+        codes[limit] = result.exit_code
+        assert (tmp_path / "p.csv").exists() and "3 of 10 inputs failed; their rows say why" in result.output
+        (tmp_path / "p.csv").unlink()  # written before the verdict, whatever it is
+    assert codes == {"0": 2, "2": 2, "3": 0, "0.25": 2, "0.3": 0, "none": 0}
+    for bad in ("-1", "1.5", "some"):
+        result = CliRunner().invoke(main, ["predict", *inputs, "--model", str(exported_model / "model.onnx"),
+                                           "--max-failed", bad])
+        assert result.exit_code == 1 and result.output.count("Error:") == 1 and "--max-failed must be" in result.output
 
 
 def predict_one(model_dir, pixels):
@@ -339,7 +364,7 @@ def test_every_output_format_holds_the_same_rows(exported_model, test_digits, tm
     for suffix in ("csv", "json", "jsonl", "parquet"):
         result = CliRunner().invoke(main, ["predict", *inputs, "--model", str(exported_model / "model.onnx"),
                                            "--chunk-size", "64", "--out", str(tmp_path / f"p.{suffix}")])
-        assert result.exit_code == 2, result.output  # the broken file
+        assert result.exit_code == 0, result.output  # the broken file is a row
     as_json = json.loads((tmp_path / "p.json").read_text())
     assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == as_json
     table = pq.read_table(tmp_path / "p.parquet")

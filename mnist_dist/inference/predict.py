@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import atomic, collective, extras, launch, locks
 from ..errors import UserError
+from . import lease as lease_lib
 from . import manifest as manifest_lib
 from . import storage
 from .chunks import CHUNK, ChunkStore, chunk_ranges, chunk_size, share
@@ -83,12 +84,46 @@ def summarise(inputs: int, failed: int, labelled: int, seconds: float, model_rat
             "model_images_per_s": model_rate, "processes": len(runtimes_), "runtimes": runtimes_}
 
 
+def failure_limit(text: str | None) -> float | None:
+    """--max-failed as given: None (no limit), a count of inputs (``10``) or a fraction of them (``0.01``)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and (value.is_integer() or value < 1)):
+        raise UserError(f"--max-failed must be a count of inputs (0, 10) or a fraction of them (0.01), not {text!r}")
+    return value
+
+
+def too_many_failed(summary: dict, limit: float | None) -> bool:
+    """Whether the failed inputs exceed --max-failed (a count, or below 1 a fraction of the inputs)."""
+    if limit is None or not summary["failed"]:
+        return False
+    allowed = limit if limit >= 1 or limit == 0 else limit * summary["inputs"]
+    return summary["failed"] > allowed
+
+
+def failures_line(summary: dict, limit: float | None) -> str:
+    line = f"{summary['failed']} of {summary['inputs']} inputs failed; their rows say why"
+    if too_many_failed(summary, limit):
+        assert limit is not None
+        shown = f"{limit:g}" if limit >= 1 or limit == 0 else f"{limit:g} of the inputs"
+        line += f" (more than --max-failed {shown} allows)"
+    return line
+
+
 def describe(summary: dict, out=None) -> str:
     memory = ""
     if summary.get("peak_rss_mb") and None not in summary["peak_rss_mb"]:
         memory = f", peak memory {max(summary['peak_rss_mb']):.0f} MB per process"
-    return (f"{summary['inputs']} inputs, {summary['failed']} failed, {summary['images_per_s']:.0f} images/s end to "
-            f"end ({summary['model_images_per_s']:.0f} images/s in the model alone), {summary['processes']} "
+    resumed = ""
+    if summary["resumed_inputs"]:
+        earlier = f"the attempt before restart {summary['restarts']}" if summary.get("restarts") else "the run resumed"
+        resumed = f" ({summary['resumed_inputs']} of them kept from {earlier})"
+    return (f"{summary['inputs']} inputs{resumed}, {summary['failed']} failed, {summary['images_per_s']:.0f} images/s "
+            f"end to end ({summary['model_images_per_s']:.0f} images/s in the model alone), {summary['processes']} "
             f"process(es){memory}; {'; '.join(summary['runtimes'])}" + (f"; wrote {out}" if out else ""))
 
 
@@ -107,6 +142,7 @@ class JobOptions:
     runtime: str = "auto"
     show_progress: bool = True
     storage_options: dict = field(default_factory=dict)
+    lease_ttl_s: float = lease_lib.TTL_S
 
 
 @dataclass
@@ -188,8 +224,11 @@ def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
     identity = {"inputs": here[0].fingerprint, "model": model.sha256, "runtime": model.engine, "total": index.total,
                 "chunk": chunk, "invert": opts.invert, "format": fmt.name, "batch": opts.batch_size}
     store = ChunkStore(out, identity, index.total, chunk) if out else None
+    # A group that torchrun restarted (--max_restarts) continues from the chunks its earlier attempt finished.
+    resume = opts.resume or launch.restart_count() > 0
+    leases: list = []  # the main process's lease on an --out in an object store
     if store is not None:
-        collective.on_main_process(accelerator, lambda: begin(store, opts.resume, held))
+        collective.on_main_process(accelerator, lambda: begin(store, resume, held, opts.lease_ttl_s, leases))
     accelerator.wait_for_everyone()
 
     mine = share(chunk_ranges(index.total, chunk), accelerator)
@@ -200,19 +239,31 @@ def _run_job(opts: JobOptions, accelerator, echo, held: ExitStack) -> dict:
     accelerator.wait_for_everyone()
     stats = gather_stats(accelerator, labelled, failed, model_s, model.description)
     if store is not None:
-        collective.on_main_process(accelerator, lambda: store.merge(fmt))
+        collective.on_main_process(accelerator, lambda: commit(store, fmt, leases))
     summary = summarise(index.total, stats["failed"], stats["labelled"], time.perf_counter() - started,
                         stats["model_images_per_s"], stats["runtimes"])
-    return {**summary, "peak_rss_mb": stats["peak_rss_mb"]}
+    return {**summary, "peak_rss_mb": stats["peak_rss_mb"], "restarts": launch.restart_count()}
 
 
-def begin(store: ChunkStore, resume: bool, held: ExitStack) -> None:
-    """On the main process: hold --out for the run's whole life (a local file; object stores have no locks),
-    then keep the finished chunks of the run being resumed, or start afresh."""
+def begin(store: ChunkStore, resume: bool, held: ExitStack, lease_ttl_s: float, leases: list) -> None:
+    """On the main process: hold --out for the run's whole life (a lock beside a local file, a lease beside an
+    object in a store with conditional writes), then keep the finished chunks of the run being resumed, or
+    start afresh."""
+    what = f"--out {store.out.name}"
     if store.out.is_local:
         held.enter_context(locks.exclusive(Path(storage.parent(store.out.path)) / f".{store.out.basename}.lock",
-                                           f"--out {store.out.name}"))
+                                           what))
+    elif lease_lib.leasable(store.out):
+        leases.append(held.enter_context(lease_lib.Lease(store.out, what, lease_ttl_s)))
+        leases[0].acquire(resume)
     store.start(resume and store.check_resumable())
+
+
+def commit(store: ChunkStore, fmt: Format, leases: list) -> None:
+    """On the main process: join the chunks into --out, unless another run took the lease over meanwhile."""
+    for lease in leases:
+        lease.check()
+    store.merge(fmt)
 
 
 def label_ranges(opts, index, model, store, todo, accelerator, echo, fmt: Format, threads: int) -> tuple:

@@ -71,6 +71,14 @@ class History:
     last_epoch: int = 0
 
 
+def continue_after_restart(cfg: TrainConfig) -> None:
+    """A group that torchrun restarted (``--max_restarts``) continues the run its dead attempt was writing, from
+    the latest checkpoint, whatever the command said about resuming: the first attempt checked the folder before
+    it wrote there. Without a checkpoint yet, it starts as the first attempt did."""
+    if launch.restart_count() > 0 and checkpoint.list_checkpoints(Path(cfg.output_dir)):
+        cfg.resume, cfg.overwrite = "latest", False
+
+
 def load_resume_state(cfg: TrainConfig):
     if cfg.resume is None:
         return None
@@ -308,6 +316,7 @@ def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and checkpoint every epoch; return the final metrics."""
     started = time.perf_counter()
     out = Path(cfg.output_dir)
+    continue_after_restart(cfg)
     resume_state = load_resume_state(cfg)  # the CLI has already refused a folder in use (locks.check_free)
     setup = prepare(cfg, resume_state)
     atomic.check_folder_writable(out, "--output-dir")
