@@ -159,10 +159,10 @@ def join_restarted_group(cpu: bool) -> None:
         return
     if not cpu:
         torch.cuda.set_device(env_int(["LOCAL_RANK"], 0))
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    dist.init_process_group("gloo" if cpu else "nccl", store=dist.PrefixStore(f"mnist-dist/attempt-{restart_count()}",
-                                                                                store),
-                            rank=launched_rank(), world_size=launched_world_size())
+    launch_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempts_own = dist.PrefixStore(f"mnist-dist/attempt-{restart_count()}", launch_store)
+    dist.init_process_group("gloo" if cpu else "nccl", store=attempts_own, rank=launched_rank(),
+                            world_size=launched_world_size())
 
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool = False, log_with=None, project_dir=None):
