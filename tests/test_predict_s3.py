@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from mnist_dist.bench.predict import start_moto
 from mnist_dist.cli import predict
 from mnist_dist.data import mnist
+from mnist_dist.inference.chunks import chunk_size
 
 from conftest import ROOT, cpu_env, free_port, launch_cmd, root_cause_exit_code, run, wait_for, write_test_pngs
 
@@ -235,7 +236,7 @@ def test_killed_workers_are_restarted_and_continue_from_the_finished_chunks(expo
                                                        "--summary", tmp_path / "summary.json", restarts=3)],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for kill in (1, 2):  # at 6, then 12 finished chunks (of 49): each time mid-run, after work was kept
+        for kill in (1, 2):  # at 6, then 12 finished chunks (of 64): each time mid-run, after work was kept
             wait_for(lambda kill=kill: len(finished_parts(s3, parts)) >= 6 * kill, timeout=300)
             psutil.Process(job.pid).children()[-1].kill()  # a worker, not the launcher
         _, stderr = job.communicate(timeout=600)
@@ -244,5 +245,5 @@ def test_killed_workers_are_restarted_and_continue_from_the_finished_chunks(expo
     assert job.returncode == 0, stderr[-3000:]
     assert s3.cat_file("digits/big/preds.csv") == s3.cat_file("digits/big/straight.csv")
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["restarts"] == 2 and summary["resumed_inputs"] >= 12 * 4096
+    assert summary["restarts"] == 2 and summary["resumed_inputs"] >= 12 * chunk_size(200_000, 4096)
     assert "kept from the attempt before restart 2" in stderr
