@@ -99,7 +99,13 @@ def same_file(handle, path: Path) -> bool:
 
 def describe(holder: str) -> str:
     try:
-        who = json.loads(holder)
+        return describe_holder(json.loads(holder))
+    except ValueError:  # the holder had not written itself yet
+        return "its holder is starting"
+
+
+def describe_holder(who: dict) -> str:
+    try:
         return f"pid {who['pid']} on {who['host']}, started {who['started']}"
-    except (ValueError, KeyError, TypeError):  # the holder had not written itself yet
+    except (KeyError, TypeError):  # the holder had not written itself yet
         return "its holder is starting"

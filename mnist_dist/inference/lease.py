@@ -20,8 +20,9 @@ from contextlib import suppress
 from datetime import datetime, timezone
 
 from ..errors import UserError
-from ..launch import restart_count, under_accelerate_launch
-from ..locks import describe
+from ..interrupt import under_launcher
+from ..launch import restart_count
+from ..locks import describe_holder
 from .storage import Place, describe_error
 
 LEASED_PROTOCOLS = ("s3", "s3a")  # stores whose file system here makes conditional writes
@@ -36,9 +37,7 @@ def leasable(place: Place) -> bool:
 
 def launch_identity() -> str:
     """The launcher that started this process, which a restarted attempt shares with the one that died."""
-    if not (under_accelerate_launch() or "TORCHELASTIC_RUN_ID" in os.environ):
-        return ""
-    return f"{socket.gethostname()}:{os.getppid()}"
+    return f"{socket.gethostname()}:{os.getppid()}" if under_launcher() else ""
 
 
 class Lease:
@@ -88,7 +87,7 @@ class Lease:
             raise UserError(self.refusal(current or {}, age, stale=False)) from None
 
     def refusal(self, holder: dict, age: float, stale: bool) -> str:
-        who = describe(json.dumps(holder))
+        who = describe_holder(holder)
         if stale:
             hint = "its holder stopped renewing it: continue with --resume to take it over"
         else:
@@ -126,7 +125,7 @@ class Lease:
                         and current.get("host") == self.holder["host"]:
                     continue  # the store failed this once; the lease is still ours
                 self.lost = (f"the lease on {self.what} was taken over by another run "
-                             f"({describe(json.dumps(current or {}))}): {describe_error(e)}")
+                             f"({describe_holder(current or {})}): {describe_error(e)}")
                 return
 
     def check(self) -> None:
