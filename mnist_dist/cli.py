@@ -471,7 +471,7 @@ def serve(model_dir, model_file, runtime, host, port, threads, batching, max_bat
     """Serve the exported model over HTTP: the Open Inference Protocol (/v2/...), a simpler JSON API
     (POST /v1/predict), Prometheus metrics (/metrics), liveness (/healthz, /v2/health/live), readiness
     (/v2/health/ready) and a page at / to draw a digit on. Needs the serve extra (pip install "mnist-dist[serve]")."""
-    from .serving.app import ServeOptions
+    from .serving.options import ServeOptions
     from .serving.server import serve as run_server
 
     options = ServeOptions(model_dir, model_file, threads, batching, max_batch, max_wait_ms, int(max_body_mb * 2**20),

@@ -11,7 +11,8 @@ from mnist_dist.inference import manifest as manifest_lib
 from mnist_dist.inference import runtimes
 from mnist_dist.inference.manifest import model_input
 from mnist_dist.inference.models import open_model
-from mnist_dist.serving.app import ServeOptions, create_app, load
+from mnist_dist.serving.app import create_app, load
+from mnist_dist.serving.options import ServeOptions
 
 from conftest import cpu_env, run, skip_unless_required
 

@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mnist_dist.inference import predict
-from mnist_dist.serving.app import ServeOptions, create_app, load
+from mnist_dist.serving.app import create_app, load
 from mnist_dist.serving.errors import BadRequest
 from mnist_dist.serving.forms import parse_form
+from mnist_dist.serving.options import ServeOptions
 
 from conftest import png_bytes, run, skip_unless_required, start_server, write_test_pngs
 

@@ -23,8 +23,9 @@ from mnist_dist.bench.serve import answers_alone, encode, peak_rss_mb, run_clien
 from mnist_dist.data import mnist
 from mnist_dist.inference import predict
 from mnist_dist.inference.models import open_model
-from mnist_dist.serving.app import ServeOptions, create_app, load
+from mnist_dist.serving.app import create_app, load
 from mnist_dist.serving.batching import Doorbell, Job, MicroBatcher
+from mnist_dist.serving.options import ServeOptions
 
 from conftest import calibrated_softmax, png_bytes, start_server, wait_for
 

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import asdict, replace
 
 from ..errors import UserError
-from .app import ServeOptions, load, run_threads
+from .app import load, run_threads
+from .options import ServeOptions
 
 WORKER_OPTIONS = "MNIST_DIST_SERVE_OPTIONS"  # how the supervisor hands the options to the workers it spawns
 
