@@ -1,7 +1,9 @@
 """The ``mnist-dist`` command group. Each command is a thin shell over a library module."""
 import functools
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -10,6 +12,8 @@ from .errors import UserError
 from .inference.runtimes import RUNTIME_CHOICES
 from .interrupt import exit_alike, interruptible
 from .launch import launched_rank
+from .serving.options import CONTROL_MODES, RESTRICTED_CATEGORIES, ServeOptions
+from .serving.options import default as serve_default
 
 
 def friendly_errors(func):
@@ -165,21 +169,31 @@ def evaluate(checkpoint, data_dir, batch_size, json_path, download, cpu, threads
 @main.command("export")
 @click.option("--checkpoint", "source", required=True, type=click.Path(),
               help="A checkpoint file, or a training --output-dir (its latest checkpoint).")
-@click.option("--out-dir", required=True, type=click.Path(), help="Folder to create with the exported models.")
+@click.option("--out-dir", type=click.Path(), help="Folder to create with the exported models.")
+@click.option("--repository", type=click.Path(file_okay=False),
+              help="Instead of --out-dir: a model repository (serve --model-repository), where the export becomes "
+                   "the next version of --name, e.g. models/mnist/3/.")
+@click.option("--name", default="mnist", show_default=True, help="The model's name in --repository.")
 @data_dir_option
 @click.option("--force", is_flag=True, help="Replace --out-dir if it exists (only once the new export is valid).")
 @download_option
 @friendly_errors
 @requires("train")
-def export_command(source, out_dir, data_dir, force, download):
+def export_command(source, out_dir, repository, name, data_dir, force, download):
     """Export a checkpoint to TorchScript, ONNX and torch.export, validated on all 10,000 test images.
 
-    The folder appears only when every artifact matches PyTorch; a failed export leaves nothing behind."""
+    The folder appears only when every artifact matches PyTorch; a failed export leaves nothing behind. With
+    --repository, the new version appears in one rename: a server polling the repository never sees half of it."""
     from .exporting.export import export_model
     from .exporting.validate import format_report
+    from .inference.repository import check_name
     from .scores import calibration_line
 
-    manifest, results = export_model(source, out_dir, data_dir, force, download, log=click.echo)
+    if bool(out_dir) == bool(repository):
+        raise UserError("give --out-dir, or --repository (and --name)")
+    destination = Path(repository) / check_name(name) if repository else out_dir
+    manifest, results, out_dir = export_model(source, destination, data_dir, force, download, log=click.echo,
+                                              as_version=bool(repository))
     click.echo(format_report(results))
     calibration = manifest["calibration"]
     click.echo(f"Calibrated on {calibration['fitted_on']}; on the test set, "
@@ -423,11 +437,45 @@ def parse_storage_options(text: str) -> dict:
     return options
 
 
+def parse_restricted_api(text: str | None):
+    """Triton's --http-restricted-api CATEGORY:HEADER=VALUE: (header, value) of the key, or None."""
+    if text is None:
+        return None
+    category, _, key = text.partition(":")
+    header, _, value = key.partition("=")
+    if category not in RESTRICTED_CATEGORIES or not header or not value:
+        raise UserError(f"--http-restricted-api {text!r}: expected {RESTRICTED_CATEGORIES[0]}:HEADER=VALUE, e.g. "
+                        "model-repository:admin-key=s3cret")
+    return header.lower(), value
+
+
 @main.command()
-@click.option("--model-dir", required=True, type=click.Path(), help="An export folder (see mnist-dist export).")
-@click.option("--model", "model_file", default="model.onnx", show_default=True,
-              help="Which ONNX file of the folder to serve: model.onnx or model.int8.onnx.")
-@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
+@click.option("--model-repository", "repository", envvar="STORAGE_URI", show_envvar=True,
+              help="A model repository, <name>/<version>/ export folders (mnist-dist export --repository), or one "
+                   "export folder; a path or a URL (s3://bucket/models, gs://...), copied to a local cache and "
+                   "checked against each manifest's sha256.")
+@click.option("--model-dir", type=click.Path(),
+              help="One export folder (mnist-dist export): a repository of one model, --model-name, version 1.")
+@click.option("--model", "model_file", default=serve_default("model"), show_default=True,
+              help="Which ONNX file of each version's folder to serve: model.onnx or model.int8.onnx (a model's "
+                   "config.json may name its own, as default_model_filename).")
+@click.option("--model-control-mode", "control_mode", type=click.Choice(CONTROL_MODES),
+              default=serve_default("control_mode"), show_default=True,
+              help="none: the models loaded at start stay. explicit: the repository API loads and unloads them "
+                   "(POST /v2/repository/models/NAME/load). poll: the repository is rescanned every "
+                   "--repository-poll-s, new versions loaded, removed ones unloaded. A new version takes traffic "
+                   "only once it is loaded and warm; a failed load leaves the serving version serving.")
+@click.option("--repository-poll-s", "poll_s", default=serve_default("poll_s"), show_default=True,
+              type=click.FloatRange(min=0.1), help="Seconds between scans of the repository in poll mode.")
+@click.option("--version-policy", default=serve_default("version_policy"), show_default=True,
+              help="Which versions of each model to serve: latest:N, all, or specific:1,3 (a model's config.json "
+                   "may set its own).")
+@click.option("--http-restricted-api", "restricted_api", metavar="model-repository:HEADER=VALUE",
+              help="Only callers sending this header with this value may use the repository API; others get 403. "
+                   "Inference stays open.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where versions of a remote repository are copied.  [default: ~/.cache/mnist-dist/repositories]")
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default=serve_default("runtime"),
               show_default=True,
               help="auto: the faster for batches of --max-batch on this machine, as under load (bench.json beside "
                    "the model, else as measured: OpenVINO, if installed, from batches of 64 with AVX-512 or for "
@@ -436,47 +484,60 @@ def parse_storage_options(text: str) -> dict:
               help="Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @threads_option
-@click.option("--batching/--no-batching", default=True, show_default=True,
+@click.option("--batching/--no-batching", default=serve_default("batching"), show_default=True,
               help="Gather concurrent requests into one model run.")
-@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=serve_default("max_batch"), show_default=True, type=click.IntRange(min=1),
               help="Most images in one micro-batch.")
-@click.option("--max-wait-ms", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--max-wait-ms", default=serve_default("max_wait_ms"), show_default=True,
+              type=click.FloatRange(min=0),
               help="Longest a request waits for others to join its batch. 0: batches still form from the requests "
                    "that arrive while the model runs, and a lone request never waits.")
-@click.option("--max-body-mb", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Larger request bodies are refused with 413.")
-@click.option("--max-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-body-mb", default=serve_default("max_body") / 2**20, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Larger request bodies are refused with 413.")
+@click.option("--max-pixels", default=serve_default("max_pixels"), show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels (read from their header, before decoding) are refused.")
-@click.option("--max-queue", default=1024, show_default=True, type=click.IntRange(min=0),
+@click.option("--max-queue", default=serve_default("max_queue"), show_default=True, type=click.IntRange(min=0),
               help="Most images waiting for the model; past it requests get 503 with Retry-After at once. 0: no "
                    "bound.")
-@click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--timeout-s", default=serve_default("timeout_s"), show_default=True, type=click.FloatRange(min=0),
               help="Longest a request waits for the model before it gets 504. 0: no limit.")
-@click.option("--drain-s", default=20.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--drain-s", default=serve_default("drain_s"), show_default=True, type=click.FloatRange(min=0),
               help="On SIGTERM or SIGINT: not ready at once, every request taken is answered, exit within this.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Server processes on the one port, each with its own model session; the cores are split "
+              help="Server processes on the one port, each with its own model sessions; the cores are split "
                    "between them.")
-@click.option("--model-threads", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--model-threads", default=serve_default("model_threads"), show_default=True,
+              type=click.IntRange(min=1),
               help="Threads taking batches to the model in each server process: with two, one prepares and answers "
                    "while the other is in the model. On 2 cores one answered more requests.")
-@click.option("--model-name", "model_name", default="mnist", show_default=True,
-              help="The model's name in the Open Inference Protocol routes (/v2/models/NAME/...).")
+@click.option("--model-name", "model_name", default=serve_default("model_name"), show_default=True,
+              help="The model's name when the repository is one export folder, and the model /v1 and the page use.")
 @click.option("--access-log", type=click.Path(dir_okay=False, allow_dash=True),
               help="Append one JSON line a request to this file ('-': standard output).")
 @friendly_errors
 @requires("serve")
-def serve(model_dir, model_file, runtime, host, port, threads, batching, max_batch, max_wait_ms, max_body_mb,
-          max_pixels, max_queue, timeout_s, drain_s, workers, model_threads, model_name, access_log):
-    """Serve the exported model over HTTP: the Open Inference Protocol (/v2/...), a simpler JSON API
-    (POST /v1/predict), Prometheus metrics (/metrics), liveness (/healthz, /v2/health/live), readiness
-    (/v2/health/ready) and a page at / to draw a digit on. Needs the serve extra (pip install "mnist-dist[serve]")."""
-    from .serving.options import ServeOptions
+def serve(repository, model_dir, model_file, control_mode, poll_s, version_policy, restricted_api, cache_dir, runtime,
+          host, port, threads, batching, max_batch, max_wait_ms, max_body_mb, max_pixels, max_queue, timeout_s,
+          drain_s, workers, model_threads, model_name, access_log):
+    """Serve exported models over HTTP: the Open Inference Protocol (/v2/..., versioned routes too), Triton's
+    repository API (/v2/repository/...), a simpler JSON API (POST /v1/predict), Prometheus metrics (/metrics),
+    liveness (/healthz, /v2/health/live), readiness (/v2/health/ready) and a page at / to draw a digit on.
+
+    New versions go live without a restart: --model-control-mode explicit or poll. Needs the serve extra
+    (pip install "mnist-dist[serve]")."""
     from .serving.server import serve as run_server
 
-    options = ServeOptions(model_dir, model_file, threads, batching, max_batch, max_wait_ms, int(max_body_mb * 2**20),
-                           runtime, model_name, max_queue, timeout_s, max_pixels, drain_s, access_log,
-                           model_threads)
+    if model_dir and repository and repository != os.environ.get("STORAGE_URI"):
+        raise UserError("give --model-dir or --model-repository, not both")
+    if not (model_dir or repository):
+        raise UserError("give --model-repository (or $STORAGE_URI), or --model-dir")
+    if model_dir and not (Path(model_dir) / "manifest.json").is_file():
+        raise UserError(f"{model_dir} has no manifest.json: --model-dir is one export folder (mnist-dist export); "
+                        "use --model-repository for a repository of them")
+    options = ServeOptions(model_dir or repository, model_file, threads, batching, max_batch, max_wait_ms,
+                           int(max_body_mb * 2**20), runtime, model_name, max_queue, timeout_s, max_pixels, drain_s,
+                           access_log, model_threads, control_mode, poll_s, version_policy,
+                           parse_restricted_api(restricted_api), cache_dir)
     run_server(options, host, port, workers, log=click.echo)
 
 

@@ -204,13 +204,15 @@ def cpu_flags() -> set:
     return set()
 
 
-def start_server(model_dir, *args) -> tuple:
-    """A real server on loopback, started as users start it, and ready: (process, base URL)."""
+def start_server(model_dir, *args, env=None) -> tuple:
+    """A real server on loopback, started as users start it, and ready: (process, base URL). ``model_dir``: an
+    export folder, or None when ``args`` say what to serve."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(model_dir),
-                             "--port", "0", "--threads", "1", *map(str, args)], cwd=ROOT, env=cpu_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    served = ["--model-dir", str(model_dir)] if model_dir is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.cli", "serve", *served, "--port", "0", "--threads", "1",
+                             *map(str, args)], cwd=ROOT, env=env or cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"http://[\d.]+:\d+/", line)
     if match is None:

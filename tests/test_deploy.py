@@ -3,6 +3,7 @@ line for a missing extra, and a house whose layers only import downwards."""
 import ast
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,19 +135,33 @@ def test_predict_on_onnx_needs_no_training_stack(exported_model, pngs, tmp_path)
     assert outs["lean"].read_bytes() == outs["full"].read_bytes()
 
 
+def dockerfile() -> tuple:
+    """What the Dockerfile does that matters outside a container: (its pip install, its environment, its
+    entrypoint and command)."""
+    text = (ROOT / "Dockerfile").read_text()
+    (install,) = re.findall(r"^RUN (pip install .*)$", text, re.M)
+    env: dict = {}
+    for line in re.findall(r"^ENV (.*)$", text, re.M):
+        env.update(pair.split("=", 1) for pair in shlex.split(line))
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1))
+    command = json.loads(re.search(r"^CMD (.*)$", text, re.M).group(1))
+    return shlex.split(install), env, entrypoint + command
+
+
 def lean_venv(tmp_path: Path) -> Path:
-    """A new virtual environment holding the README's locked server install, `pip install -c
-    constraints/serve.txt ".[serve]"`, of a clean copy of this checkout, and nothing else: no torch, no
-    accelerate, no onnx."""
+    """A new virtual environment holding the Dockerfile's locked server install (`pip install -c
+    constraints/serve.txt ".[serve,s3]"`, as the README's), of a clean copy of this checkout, and nothing else: no
+    torch, no accelerate, no onnx."""
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "__pycache__",
                                                                   ".pytest_cache", "runs", "artifacts"))
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c",
-                    source / "constraints" / "serve.txt", f"{source}[serve]"], check=True, capture_output=True,
-                   timeout=600)
+    install, env, _ = dockerfile()
+    assert install[:2] == ["pip", "install"]
+    subprocess.run([python, "-m", *install, "-q"], check=True, capture_output=True, timeout=600, cwd=source,
+                   env=dict(cpu_env(), **env))
     return python
 
 
@@ -171,10 +186,17 @@ def test_the_lean_install_predicts_and_serves_as_the_full_one(exported_model, pn
         run([py, "-m", "mnist_dist.cli", "predict", pngs, "--model", exported_model / "model.onnx",
              "--runtime", "onnxruntime", "--out", outs[name]], env=lean_env, cwd=tmp_path)
     assert outs["lean"].read_bytes() == outs["full"].read_bytes()
+    # The container's command and environment, the repository "mounted" where STORAGE_URI says.
+    _, container_env, command = dockerfile()
+    shutil.copytree(exported_model, tmp_path / "mnt" / "models" / "mnist" / "1")
+    container_env = {**lean_env, **container_env, "STORAGE_URI": str(tmp_path / "mnt" / "models"),
+                     "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert command[:2] == ["mnist-dist", "serve"]
+    servers = {"lean": ([python.parent / command[0], *command[1:], "--host", "127.0.0.1"], container_env),
+               "full": ([sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", exported_model], lean_env)}
     answers = {}
-    for name, py in (("lean", python), ("full", sys.executable)):
-        proc, url = start_server([py, "-m", "mnist_dist.cli", "serve", "--model-dir", exported_model,
-                                  "--runtime", "onnxruntime"], env=lean_env, cwd=tmp_path)
+    for name, (cmd, env) in servers.items():
+        proc, url = start_server([*cmd, "--runtime", "onnxruntime"], env=env, cwd=tmp_path)
         try:
             answers[name] = served_answers(url, pngs)
         finally:
@@ -198,8 +220,9 @@ LAYERS = [
 TORCH_FREE = [
     "errors", "extras", "atomic", "locks", "scores", "sysinfo", "launch", "interrupt", "collective", "data.idx",
     "inference.manifest", "inference.runtimes", "inference.models", "inference.images", "inference.inputs",
-    "inference.outputs", "inference.chunks", "inference.storage", "inference.lease", "inference.predict", "serving.app",
-    "serving.batching", "serving.server", "cli"
+    "inference.outputs", "inference.chunks", "inference.storage", "inference.lease", "inference.predict",
+    "inference.repository", "serving.app", "serving.batching", "serving.model", "serving.repository", "serving.server",
+    "cli"
 ]
 
 

@@ -64,6 +64,7 @@ def test_predict_and_serve_run_on_openvino(exported_model, tmp_path):
     assert outputs["openvino"] == outputs["onnxruntime"]
     with TestClient(create_app(load(ServeOptions(str(exported_model), runtime="openvino")))) as client:
         assert client.get("/v1/model").json()["runtime"].startswith("openvino CPU fp32")
+        assert client.get("/v2/models/mnist").json()["platform"] == "openvino"  # Triton's name for what runs it
         answer = client.post("/v1/predict", json={"images": pixels[:20].numpy().tolist()}).json()["results"]
     assert [str(r["prediction"]) for r in answer] == outputs["onnxruntime"][:20]
 
@@ -81,8 +82,9 @@ def test_auto_follows_the_benchmark_beside_the_model(exported_model, tmp_path):
     assert runtimes.choose_runtime(folder / "model.onnx", "auto", 1)[0] == "onnxruntime"
     assert runtimes.choose_runtime(folder / "model.onnx", "auto", 256)[0] == "openvino"  # 1024 is nearer than 1
     # The server chooses for its largest batch, as under load: here OpenVINO, slower for one image, faster for many.
-    assert load(ServeOptions(str(folder), threads=1)).model.description.startswith("openvino CPU fp32")
-    assert load(ServeOptions(str(folder), threads=1, max_batch=1)).model.description.startswith("onnxruntime")
+    assert load(ServeOptions(str(folder), threads=1)).default().runner.description.startswith("openvino CPU fp32")
+    assert load(ServeOptions(str(folder), threads=1, max_batch=1)).default().runner.description.startswith(
+        "onnxruntime")
 
 
 def test_auto_without_a_benchmark_follows_what_was_measured_on_each_cpu(exported_model, monkeypatch):

@@ -171,11 +171,14 @@ def test_metrics_count_what_was_sent(server, test_images):
     assert delta(before, after, "mnist_dist_requests_total", route=route, method="POST", status="200") == 7
     assert delta(before, after, "mnist_dist_requests_total", route=route, method="POST", status="400") == 3
     assert delta(before, after, "mnist_dist_request_seconds_count", route=route) == 10
-    assert delta(before, after, "mnist_dist_images_total", outcome="labelled") == 28
-    assert delta(before, after, "mnist_dist_batch_images_sum") == 28
-    assert delta(before, after, "mnist_dist_queue_wait_seconds_count") == 10  # the bad ones are parsed there too
-    assert delta(before, after, "mnist_dist_model_run_seconds_count") == delta(before, after,
-                                                                                "mnist_dist_batch_images_count") >= 1
+    model = {"model": "mnist", "version": "1"}
+    assert delta(before, after, "mnist_dist_images_total", outcome="labelled", **model) == 28
+    assert delta(before, after, "mnist_dist_batch_images_sum", **model) == 28
+    # the bad ones are parsed there too
+    assert delta(before, after, "mnist_dist_queue_wait_seconds_count", **model) == 10
+    assert delta(before, after, "mnist_dist_model_run_seconds_count", **model) == delta(
+        before, after, "mnist_dist_batch_images_count", **model) >= 1
+    assert after[("mnist_dist_model_ready", (("model", "mnist"), ("version", "1")))] == 1
     assert after[("mnist_dist_requests_in_flight", ())] == 1  # the scrape itself
 
 
@@ -216,16 +219,27 @@ def test_a_text_field_named_file_and_too_many_images_are_client_errors(server):
     assert too_many.status_code == 413
 
 
-def slowed(served, seconds: float):
+def with_run(repository, wrap):
+    """The repository, its model's run replaced by ``wrap(run)``."""
+    model = repository.default()
+    model.runner = dataclasses.replace(model.runner, run=wrap(model.runner.run))
+    return repository
+
+
+def batcher_of(app):
+    return app.state.repository.default().batcher
+
+
+def slowed(repository, seconds: float):
     """The same model, each run taking ``seconds`` longer: a server that cannot keep up."""
-    run = served.model.run
 
-    def slow_run(images):
-        time.sleep(seconds)
-        return run(images)
+    def slow(run):
+        def slow_run(images):
+            time.sleep(seconds)
+            return run(images)
+        return slow_run
 
-    served.model = dataclasses.replace(served.model, run=slow_run)
-    return served
+    return with_run(repository, slow)
 
 
 async def burst(app, requests: int, body: dict) -> list:
@@ -273,7 +287,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(exported_model, test_
     # answer that the model gave.
     answered = [seconds for a, seconds in answers if a.status_code == 200]
     assert max(seconds for _, seconds in refused) < max(answered)
-    assert app.state.batcher.batches >= 2
+    assert batcher_of(app).batches >= 2
 
 
 def test_a_request_that_waits_too_long_gets_504(exported_model, test_images):
@@ -284,20 +298,21 @@ def test_a_request_that_waits_too_long_gets_504(exported_model, test_images):
     statuses = [a.status_code for a, _ in answers]
     assert statuses == [504] * 5, statuses
     # At most one run per model thread began; the others timed out while those ran and never reached the model.
-    assert app.state.batcher.batches <= len(app.state.batcher.threads) < 5
+    assert batcher_of(app).batches <= len(batcher_of(app).threads) < 5
 
 
 def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(exported_model, test_images):
-    served = load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime"))
-    run, broken = served.model.run, threading.Event()
+    broken = threading.Event()
 
-    def run_unless_broken(images):
-        if broken.is_set():
-            raise RuntimeError("the model broke")
-        return run(images)
+    def unless_broken(run):
+        def run_unless_broken(images):
+            if broken.is_set():
+                raise RuntimeError("the model broke")
+            return run(images)
+        return run_unless_broken
 
-    served.model = dataclasses.replace(served.model, run=run_unless_broken)
-    app = create_app(served)
+    app = create_app(with_run(load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime")),
+                              unless_broken))
 
     async def requests():
         async with app.router.lifespan_context(app):
@@ -316,41 +331,42 @@ def test_a_model_that_fails_is_a_one_line_500_and_the_next_request_is_answered(e
 
 
 def test_model_threads_run_batches_side_by_side(exported_model, test_images):
-    served = load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1, model_threads=2))
-    run, both_inside = served.model.run, threading.Barrier(2, timeout=60)
+    both_inside = threading.Barrier(2, timeout=60)
 
-    def run_when_both_are_inside(images):
-        if threading.current_thread().name.startswith("batcher-"):  # a model thread, not the warm-up before them
+    def when_both_are_inside(run):
+        def run_when_both_are_inside(images):
             both_inside.wait()  # one model thread would wait here alone until the barrier breaks
-        return run(images)
+            return run(images)
+        return run_when_both_are_inside
 
-    served.model = dataclasses.replace(served.model, run=run_when_both_are_inside)
-    app = create_app(served)
+    repository = load(ServeOptions(str(exported_model), threads=1, runtime="onnxruntime", max_batch=1,
+                                   model_threads=2))
+    app = create_app(with_run(repository, when_both_are_inside))
     answers = asyncio.run(burst(app, 2, oip_body(test_images[0][:1])))
     assert [a.status_code for a, _ in answers] == [200, 200]
-    assert len(app.state.batcher.threads) == 2 and not both_inside.broken
+    assert len(batcher_of(app).threads) == 2 and not both_inside.broken
 
 
 def test_a_ring_wakes_one_idle_model_thread_and_work_already_there_is_not_slept_through():
     doorbell, woke = Doorbell(), []
 
     def idle(name):
-        doorbell.wait(threading.Event(), lambda: False)
+        doorbell.wait(lambda: False)
         woke.append(name)
 
     threads = [threading.Thread(target=idle, args=(name,)) for name in "ab"]
     for thread in threads:
         thread.start()
-    wait_for(lambda: len(doorbell.idle) == 2)
+    wait_for(lambda: doorbell.idle == 2)
     doorbell.ring()
     wait_for(lambda: len(woke) == 1)
-    assert len(doorbell.idle) == 1  # the other is still asleep and listed; threading.Event would have woken both
+    assert doorbell.idle == 1  # the other is still asleep; threading.Event would have woken both
     doorbell.ring()
     for thread in threads:
         thread.join(60)
     assert sorted(woke) == ["a", "b"] and not doorbell.idle
     started = time.perf_counter()
-    doorbell.wait(threading.Event(), lambda: True, timeout=60)  # ready before the wait: no wait at all
+    doorbell.wait(lambda: True, timeout=60)  # ready before the wait: no wait at all
     assert time.perf_counter() - started < 30 and not doorbell.idle
 
 
@@ -506,7 +522,8 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(exported_model, tes
         predicted = [int(np.argmax({o["name"]: o for o in a.json()["outputs"]}["logits"]["data"])) for a in answers]
         assert np.mean(np.array(predicted) == labels[:40]) > 0.9
         after = samples(url)
-        assert after[("mnist_dist_images_total", (("outcome", "labelled"),))] == 40
+        assert after[("mnist_dist_images_total", (("model", "mnist"), ("outcome", "labelled"), ("version", "1")))] == 40
+        assert after[("mnist_dist_model_ready", (("model", "mnist"), ("version", "1")))] == 2  # one per worker
         route = (("method", "POST"), ("route", "/v2/models/{name}/infer"), ("status", "200"))
         assert after[("mnist_dist_requests_total", route)] == 40
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -552,9 +569,9 @@ def test_not_ready_once_the_batcher_has_died(exported_model, test_images):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 before = (await client.get("/v2/health/ready")).status_code
-                app.state.batcher.stats = BrokenStats()  # a fault in the batcher's own code kills its thread
+                batcher_of(app).stats = BrokenStats()  # a fault in the batcher's own code kills its thread
                 killing = await client.post("/" + INFER, json=oip_body(test_images[0][:1]))
-                for thread in app.state.batcher.threads:
+                for thread in batcher_of(app).threads:
                     await asyncio.to_thread(thread.join, 5)
                 after = (await client.get("/v2/health/ready")).status_code
                 model = (await client.get("/v2/models/mnist/ready")).status_code

@@ -21,7 +21,9 @@ Rows: the bare endpoint, with one process and with two; the server's /v1 API
 (one PNG as multipart), the Open Inference Protocol with binary and with JSON
 tensors; micro-batching off at 1 client; ``--workers 2`` against 1 (and
 against the bare endpoint's two); and an overload row, 256 clients against
-``--max-queue 64``, that counts 200/503/504 and the server's peak memory.
+``--max-queue 64``, that counts 200/503/504 and the server's peak memory;
+and a swap row: 32 clients, steady and while a new model version goes live
+every 2 s (explicit mode), in turns on one server.
 """
 from __future__ import annotations
 
@@ -125,8 +127,10 @@ def wait_ready(url: str, probe: str, started: float) -> float:
 
 
 def start_server(model_dir, batching: bool = True, threads=None, src=None, extra=()) -> tuple:
-    """(process, base URL, seconds to ready). ``src``: another checkout whose mnist_dist runs instead (baseline)."""
-    cmd = [sys.executable, "-m", "mnist_dist.cli", "serve", "--model-dir", str(Path(model_dir).resolve()),
+    """(process, base URL, seconds to ready). ``src``: another checkout whose mnist_dist runs instead (baseline).
+    ``model_dir``: an export folder, or a model repository."""
+    served = "--model-dir" if (Path(model_dir) / "manifest.json").is_file() else "--model-repository"
+    cmd = [sys.executable, "-m", "mnist_dist.cli", "serve", served, str(Path(model_dir).resolve()),
            "--port", "0", "--batching" if batching else "--no-batching", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -217,7 +221,7 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
         runs.append((start_bare(workers=2), {"server": "bare FastAPI", "workers": 2}, [("bare", max(clients))]))
         if baseline_src:
             runs.append((start_server(model_dir, True, threads, baseline_src), {"server": "baseline"},
-                         [("v1-png", n) for n in clients]))
+                         [(kind, n) for kind in ("v1-png", "oip-binary") for n in clients]))
         runs.append((start_server(model_dir, True, threads), {"server": "mnist-dist"},
                      [(kind, n) for kind in KINDS for n in clients]))
         runs.append((start_server(model_dir, False, threads), {"server": "mnist-dist", "batching": False},
@@ -230,6 +234,7 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
             proc.terminate()
             proc.wait(timeout=60)
     overload = overload_row(model_dir, pixels, seconds, warmup, threads, log)
+    swap = swap_row(model_dir, pixels, seconds, warmup, threads, rounds, log)
     return {"benchmark": "serve", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": sysinfo.machine(),
             "versions": sysinfo.versions("torch", "onnxruntime", "fastapi", "starlette", "uvicorn", "uvloop",
                                          "httptools", "numpy", "prometheus-client", "orjson"),
@@ -245,7 +250,7 @@ def benchmark(model_dir, clients=CLIENTS, seconds: float = 5.0, warmup: float = 
                          "peak_rss": "VmHWM of the server process (and its workers, added up)",
                          "load_generator": "bench.load: raw HTTP/1.1 on uvloop, in one process on the same "
                                            "machine, loopback; its CPU per request is in each row"},
-            "results": results, "startup": startup, "overload": overload}
+            "results": results, "startup": startup, "overload": overload, "swap": swap}
 
 
 def in_rounds(runs: list, pixels: np.ndarray, seconds: float, warmup: float, rounds: int, log) -> tuple:
@@ -358,6 +363,16 @@ def readme_table(reports: list) -> str:
             lines.append(f"| {machine_name(r)} | {o['clients']} clients, --max-queue {o['max_queue']} | "
                          f"{shares.get('200', 0):.0%} | {shares.get('503', 0):.0%} | {shares.get('504', 0):.0%} | "
                          f"{other:.0%} | {o['p99_ms']:.1f} ms | {o['idle_rss_mb']:.0f} → {o['peak_rss_mb']:.0f} MB |")
+    swapped = [r for r in reports if "swap" in r]
+    if swapped:
+        lines += ["", "| machine | version switches | clients | requests/s steady → swapping | ratio | p99 ms steady → "
+                      "swapping | ratio | errors |", "|---|---|---|---|---|---|---|---|"]
+        for r in swapped:
+            s = r["swap"]
+            lines.append(f"| {machine_name(r)} | {s['switches']}, one every {s['every_s']:g} s | {s['clients']} | "
+                         f"{s['steady']['requests_per_s']:,.0f} → {s['swapping']['requests_per_s']:,.0f} | "
+                         f"{s['requests_ratio']:.2f}x | {s['steady']['p99_ms']:.1f} → {s['swapping']['p99_ms']:.1f} | "
+                         f"{s['p99_ratio']:.2f}x | {s['errors']} |")
     startup = [(report, s) for report in reports for s in report.get("startup", [])]
     if startup:
         lines += ["", "| machine | server | batching | workers | ready after start | peak RSS idle | peak RSS "
@@ -371,3 +386,74 @@ def readme_table(reports: list) -> str:
               "loopback, the load generator on the same machine. The model ran in: "
               + "; ".join(f"{machine_name(r)}: {r['settings']['runtime']}" for r in reports) + "."]
     return "\n".join(lines)
+
+
+SWAP_CLIENTS, SWAP_EVERY_S = 32, 2.0
+
+
+def swap_row(model_dir, pixels, seconds, warmup, threads, rounds, log) -> dict:
+    """32 clients against a server in explicit mode, steady and while a new version is loaded (and the one serving
+    unloaded) every ``SWAP_EVERY_S``, in turns: each the median of its rounds, from the same server."""
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryDirectory(prefix="mnist-dist-swap-") as root:
+        repository = Path(root)
+        add_version(model_dir, repository, 1)
+        proc, url, _ = start_server(repository, True, threads, extra=["--model-control-mode", "explicit"])
+        try:
+            requests = [encode("oip-binary", p) for p in pixels]
+            expected = answers_alone(url, "oip-binary", requests)
+            measured: dict = {"steady": [], "swapping": []}
+            version = 1
+            for round_ in range(rounds):
+                for phase in measured:
+                    stop, swaps = threading.Event(), list[int]()
+                    swapper = threading.Thread(target=swap_until, args=(model_dir, repository, url, version, stop,
+                                                                        swaps)) if phase == "swapping" else None
+                    if swapper:
+                        swapper.start()
+                    row = run_clients(url, "oip-binary", requests, expected, SWAP_CLIENTS, seconds, warmup,
+                                      proc.pid)
+                    if swapper:
+                        stop.set()
+                        swapper.join()
+                        version = swaps[-1] if swaps else version
+                    row.update(phase=phase, swaps=len(swaps))
+                    measured[phase].append(row)
+                    log(f"round {round_ + 1}/{rounds}: {phase}: {row['requests_per_s']:.0f} requests/s, p99 "
+                        f"{row['p99_ms']:.1f} ms, statuses {row['statuses']}, {len(swaps)} version switches")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    steady, swapping = (median_round(rows) for rows in measured.values())
+    return {"clients": SWAP_CLIENTS, "every_s": SWAP_EVERY_S, "steady": steady, "swapping": swapping,
+            "requests_ratio": swapping["requests_per_s"] / steady["requests_per_s"],
+            "p99_ratio": swapping["p99_ms"] / steady["p99_ms"],
+            "errors": sum(row["errors"] for row in measured["swapping"]),
+            "switches": sum(row["swaps"] for row in measured["swapping"])}
+
+
+def add_version(model_dir, repository: Path, version: int) -> None:
+    """The export's ONNX file and manifest as version ``version`` of mnist: staged, then renamed in."""
+    staging = repository / "mnist" / f".{version}.tmp"
+    staging.mkdir(parents=True)
+    for name in ("manifest.json", "model.onnx"):
+        os.link(Path(model_dir) / name, staging / name) if same_device(model_dir, staging) else \
+            staging.joinpath(name).write_bytes((Path(model_dir) / name).read_bytes())
+    staging.rename(repository / "mnist" / str(version))
+
+
+def same_device(a, b) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def swap_until(model_dir, repository: Path, url: str, version: int, stop, swaps: list) -> None:
+    """Every SWAP_EVERY_S, the next version written and loaded (Triton's load: the new one in, then the old one
+    out), until ``stop``."""
+    while not stop.wait(SWAP_EVERY_S):
+        version += 1
+        add_version(model_dir, repository, version)
+        response = httpx.post(f"{url}v2/repository/models/mnist/load", timeout=60)
+        response.raise_for_status()
+        swaps.append(version)

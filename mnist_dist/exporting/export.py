@@ -14,6 +14,7 @@ import torch
 from .. import atomic
 from ..errors import UserError
 from ..inference import manifest as manifest_lib
+from ..inference import repository
 from ..inference.models import open_model
 from ..inference.torch_runtime import quiet_torchscript
 from ..model import IMAGE_SIZE
@@ -64,9 +65,8 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     atomic.check_folder_writable(out_dir.absolute().parent, "--out-dir")
 
 
-def publish(staging: Path, out_dir: Path) -> None:
+def publish(staging: Path, out_dir: Path) -> Path:
     """Swap the finished staging folder in under its final name."""
-    staging.chmod(0o777 & ~atomic.umask())  # mkdtemp makes it private; publish it with the usual mode
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
         out_dir.rename(old / out_dir.name)
@@ -74,6 +74,7 @@ def publish(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
     else:
         staging.rename(out_dir)
+    return out_dir
 
 
 def versions() -> dict:
@@ -85,16 +86,25 @@ def versions() -> dict:
             "onnxscript": onnxscript.__version__}
 
 
-def export_model(source, out_dir, data_dir=None, force: bool = False, download: bool = True, log=print) -> tuple:
-    """Export, validate, then publish ``out_dir``. Returns (manifest, validation results)."""
+def export_model(source, out_dir, data_dir=None, force: bool = False, download: bool = True, log=print,
+                 as_version: bool = False) -> tuple:
+    """Export, validate, then publish ``out_dir``; with ``as_version``, ``out_dir`` is a model's folder in a model
+    repository and the export becomes its next version. Returns (manifest, validation results, the folder)."""
     ckpt_path = checkpoint.resolve_checkpoint(source)
     model, state = checkpoint.load_model(ckpt_path)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, force)
+    if as_version:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.check_folder_writable(out_dir, "--repository")
+    else:
+        check_out_dir(out_dir, force)
     contract = manifest_lib.contract(model.config, IMAGE_SIZE)
     images, labels = test_images(contract, data_dir, download)
-    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.absolute().parent))
+    # A hidden staging folder beside the result (in the model's folder for a version: a server scanning the
+    # repository takes only numbered folders, and only once they have a manifest).
+    stage_in = out_dir.absolute() if as_version else out_dir.absolute().parent
+    stage_in.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=stage_in))
     try:
         log(f"Exporting {ckpt_path} (epoch {state.get('epoch', '?')})")
         write_reference(model, staging / manifest_lib.REFERENCE)
@@ -110,10 +120,11 @@ def export_model(source, out_dir, data_dir=None, force: bool = False, download: 
         calibration = calibrate(eager, contract, results[0]["logits"], labels, data_dir, download)
         manifest = {**with_validation(draft, results), "calibration": calibration}
         atomic.write_json(staging / manifest_lib.MANIFEST, manifest)
-        publish(staging, out_dir)
+        staging.chmod(0o777 & ~atomic.umask())  # mkdtemp makes it private; publish it with the usual mode
+        published = repository.publish_version(staging, out_dir) if as_version else publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return manifest, results
+    return manifest, results, published
 
 
 def build_manifest(folder: Path, ckpt_path: Path, state: dict, model, contract: dict) -> dict:

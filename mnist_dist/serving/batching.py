@@ -17,11 +17,13 @@ turns at Python, never interleave it.
 If the batch still holds fewer than ``max_batch`` images the thread waits up
 to ``max_wait`` seconds for more; alone, a request waits at most that.
 
-Backpressure: at most ``max_queue`` images wait for the model (prepared,
-and not yet taken by a model thread). Images prepared past it are refused
-(``Overloaded``: the server answers 503 with Retry-After) instead of joining
-a queue that only grows; a request larger than the bound is taken only first
-in line. A request that waits longer than its time-out is dropped
+Backpressure: at most ``max_queue`` images wait for the model. A request
+that arrives when the requests not yet prepared and the images prepared
+and not yet taken by a model thread reach it is refused at once, before its
+body is decoded (``Overloaded``: the server answers 503 with Retry-After);
+images prepared past the bound are refused too, instead of joining a queue
+that only grows; a request larger than the bound is taken only first in
+line. A request that waits longer than its time-out is dropped
 (``asyncio.TimeoutError``: 504) and costs no model time if it has not run
 yet.
 """
@@ -82,31 +84,33 @@ class Pending:
 
 
 class Doorbell:
-    """Wakes one idle model thread per ring. threading.Event wakes every thread waiting on it: at one request at a
-    time the other model thread woke for nothing, which cost more CPU than the request itself (measured: 1,650 us
-    against 1,320 a request with one model thread)."""
+    """Wakes one idle model thread per ring (Condition.notify(1)). threading.Event wakes every thread waiting on it:
+    at one request at a time the other model thread woke for nothing, which cost more CPU than the request itself
+    (measured: 1,650 us against 1,320 a request with one model thread)."""
 
     def __init__(self) -> None:
-        self.idle: collections.deque = collections.deque()  # the events of the threads waiting now
+        self.condition = threading.Condition()
+        self.idle = 0  # threads waiting now
 
     def ring(self) -> None:
-        if self.idle:  # none idle: each busy thread looks for work before it waits again
-            with contextlib.suppress(IndexError):  # another ring took the last one meanwhile
-                self.idle.popleft().set()
+        with self.condition:
+            self.condition.notify(1)
 
     def ring_all(self) -> None:
-        while self.idle:
-            self.ring()
+        with self.condition:
+            self.condition.notify_all()
 
-    def wait(self, event: threading.Event, ready, timeout: float | None = None) -> None:
-        """Wait on this thread's own ``event`` until a ring (or ``timeout``), unless ``ready()`` already: checked
-        after the thread is listed as idle, so that work that came just before is not slept through."""
-        event.clear()
-        self.idle.append(event)
-        if not ready():
-            event.wait(timeout)
-        with contextlib.suppress(ValueError):  # not rung (ready, or timed out): no longer idle
-            self.idle.remove(event)
+    def wait(self, ready, timeout: float | None = None) -> None:
+        """Wait for a ring (or ``timeout``), unless ``ready()`` already: checked under the condition's lock, which
+        a ring needs, so that work that came just before is not slept through."""
+        with self.condition:
+            if ready():
+                return
+            self.idle += 1
+            try:
+                self.condition.wait(timeout)
+            finally:
+                self.idle -= 1
 
 
 class MicroBatcher:
@@ -153,6 +157,10 @@ class MicroBatcher:
         """The job's answer, once its images have been through the model with whatever else was waiting."""
         if not self.running:
             raise Unavailable("the model is not running")
+        # Refused before anything is decoded, and the raw bodies waiting are bounded too: each holds one image or
+        # more. (The images of prepared requests are counted again when they are admitted.)
+        if self.max_queue and len(self.waiting) + self.queued >= self.max_queue:
+            raise Overloaded(f"more than {self.max_queue} images are waiting for the model")
         assert self.loop is not None
         pending = Pending(job, self.loop.create_future())
         self.unanswered.add(pending.future)
@@ -170,13 +178,12 @@ class MicroBatcher:
     # --- on the model threads -----------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        woken = threading.Event()  # this thread's own: see Doorbell
         try:
             while not self.stopping:
-                self.doorbell.wait(woken, lambda: bool(self.waiting or self.ready or self.stopping))
+                self.doorbell.wait(lambda: bool(self.waiting or self.ready or self.stopping))
                 while (self.waiting or self.ready) and not self.stopping:
                     if self.waiting:
-                        self.admit(self.next_batch(woken))
+                        self.admit(self.next_batch())
                     self.run_next_group()
         finally:  # stopped (or broken): nobody may wait for an answer that cannot come
             self.stopping = True
@@ -202,13 +209,12 @@ class MicroBatcher:
                 taken.append(self.waiting.popleft())
         return taken
 
-    def next_batch(self, woken: threading.Event) -> list:
-        """Every job waiting, prepared; more, for up to ``max_wait``, while fewer than ``max_batch`` images (waiting
-        on this thread's ``woken``)."""
+    def next_batch(self) -> list:
+        """Every job waiting, prepared; more, for up to ``max_wait``, while fewer than ``max_batch`` images."""
         batch = self.prepare_all(self.take_all())
         deadline = time.perf_counter() + self.max_wait
         while self.max_wait and images_in(batch) < self.max_batch and time.perf_counter() < deadline:
-            self.doorbell.wait(woken, lambda: bool(self.waiting or self.stopping), deadline - time.perf_counter())
+            self.doorbell.wait(lambda: bool(self.waiting or self.stopping), deadline - time.perf_counter())
             batch += self.prepare_all(self.take_all())
         return batch
 

@@ -55,12 +55,12 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
-async def answer_of(request: Request, job: Job):
-    """The job's answer from the batcher, or 503 (too busy: try again) or 504 (waited too long). The job's own
-    errors (BadRequest) reach the error handlers as they are."""
-    options = request.app.state.served.options
+async def answer_of(request: Request, model, job: Job):
+    """The job's answer from the model version's batcher, or 503 (too busy: try again) or 504 (waited too long).
+    The job's own errors (BadRequest) reach the error handlers as they are."""
+    options = model.options
     try:
-        return await request.app.state.batcher(job, timeout=options.timeout_s or None)
+        return await model.predict(job, timeout=options.timeout_s or None)
     except Overloaded as e:
         metrics.REJECTED.labels("queue_full").inc()
         raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -136,11 +136,11 @@ async def read_body(receive) -> bytes:
             return b"".join(chunks)
 
 
-def document_busy_routes(app: FastAPI, model_name: str) -> None:
+def document_busy_routes(app: FastAPI) -> None:
     def schema() -> dict:
         if app.openapi_schema is None:
             described = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            described["paths"].update(openapi.busy_paths(model_name))
+            described["paths"].update(openapi.busy_paths(list(app.state.repository.loaded)))
             app.openapi_schema = described
         return app.openapi_schema
 

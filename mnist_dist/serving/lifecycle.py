@@ -1,7 +1,7 @@
 """Readiness and draining: what Kubernetes (or any load balancer) needs to move traffic away without losing any.
 
-Ready: the model is loaded and warmed up, the batcher runs, and no drain has
-begun. On SIGTERM or SIGINT the server drains: not ready at once; for a short
+Ready: every model is loaded and warmed up, their batchers run, and no drain
+has begun. On SIGTERM or SIGINT the server drains: not ready at once; for a short
 grace it still picks up what clients had already sent (requests waiting in
 the kernel's queues); then it stops listening, answers every request it has
 taken (each answer with ``Connection: close``), and exits 0, at most
@@ -23,8 +23,9 @@ class Lifecycle:
         self.draining = False
         self.drain_started = 0.0
 
-    def ready(self, batcher) -> bool:
-        return self.warmed and batcher.running and not self.draining
+    def ready(self) -> bool:
+        """The process's part of readiness (the models' part is the repository's)."""
+        return self.warmed and not self.draining
 
     def drain_on_signals(self, log) -> None:
         """Take over SIGTERM and SIGINT from uvicorn, which would stop listening and drop idle-looking connections at

@@ -23,33 +23,48 @@ REQUESTS = Counter(f"{PREFIX}_requests", "HTTP requests answered, by route templ
 REQUEST_SECONDS = Histogram(f"{PREFIX}_request_seconds", "Time from a request's arrival to its answer",
                             ["route"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge(f"{PREFIX}_requests_in_flight", "Requests being handled now", multiprocess_mode="livesum")
+MODEL = ["model", "version"]
 QUEUE_SECONDS = Histogram(f"{PREFIX}_queue_wait_seconds", "Time requests waited for the batcher to take them",
-                          buckets=LATENCY_BUCKETS)
-BATCH_IMAGES = Histogram(f"{PREFIX}_batch_images", "Images in one model run", buckets=BATCH_BUCKETS)
-MODEL_SECONDS = Histogram(f"{PREFIX}_model_run_seconds", "Time of one model run", buckets=LATENCY_BUCKETS)
+                          MODEL, buckets=LATENCY_BUCKETS)
+BATCH_IMAGES = Histogram(f"{PREFIX}_batch_images", "Images in one model run", MODEL, buckets=BATCH_BUCKETS)
+MODEL_SECONDS = Histogram(f"{PREFIX}_model_run_seconds", "Time of one model run", MODEL, buckets=LATENCY_BUCKETS)
 IMAGES = Counter(f"{PREFIX}_images", "Images answered, by outcome: labelled by the model, or failed to read",
-                 ["outcome"])
+                 ["outcome", *MODEL])
+LOADS = Counter(f"{PREFIX}_model_loads", "Model versions loaded, by outcome: loaded, or failed (the version "
+                "serving before goes on serving)", [*MODEL, "outcome"])
+UNLOADS = Counter(f"{PREFIX}_model_unloads", "Model versions unloaded (after answering every request they took)",
+                  MODEL)
+LOAD_SECONDS = Histogram(f"{PREFIX}_model_load_seconds", "Time to open, check and warm up a model version",
+                         ["model"], buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+READY = Gauge(f"{PREFIX}_model_ready", "1 while a model version takes requests (summed over server processes)",
+              MODEL, multiprocess_mode="livesum")
 REJECTED = Counter(f"{PREFIX}_rejected", "Requests refused before the model: queue full (503) or timed out (504)",
                    ["reason"])
 
-DOCUMENTED = [REQUESTS, REQUEST_SECONDS, IN_FLIGHT, QUEUE_SECONDS, BATCH_IMAGES, MODEL_SECONDS, IMAGES, REJECTED]
+DOCUMENTED = [REQUESTS, REQUEST_SECONDS, IN_FLIGHT, QUEUE_SECONDS, BATCH_IMAGES, MODEL_SECONDS, IMAGES, REJECTED,
+              LOADS, UNLOADS, LOAD_SECONDS, READY]
 
 
 @functools.cache
-def images(outcome: str):
-    """The images counter of one outcome, looked up once per process (labels() takes a lock each call)."""
-    return IMAGES.labels(outcome)
+def images(outcome: str, model: str, version: str):
+    """The images counter of one outcome and model version, looked up once per process (labels() takes a lock each
+    call)."""
+    return IMAGES.labels(outcome, model, version)
 
 
 class BatcherStats:
-    """The batcher's figures, as metrics."""
+    """One model version's batcher figures, as metrics."""
+
+    def __init__(self, model: str, version: str) -> None:
+        self.images, self.run_s = BATCH_IMAGES.labels(model, version), MODEL_SECONDS.labels(model, version)
+        self.queue_s = QUEUE_SECONDS.labels(model, version)
 
     def batch(self, images: int, run_s: float) -> None:
-        BATCH_IMAGES.observe(images)
-        MODEL_SECONDS.observe(run_s)
+        self.images.observe(images)
+        self.run_s.observe(run_s)
 
     def waited(self, seconds: float) -> None:
-        QUEUE_SECONDS.observe(seconds)
+        self.queue_s.observe(seconds)
 
 
 def multiprocess() -> bool:

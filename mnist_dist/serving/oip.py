@@ -41,14 +41,15 @@ class InferRequest:
 
 
 def server_metadata(version: str) -> dict:
-    return {"name": "mnist-dist", "version": version, "extensions": ["binary_tensor_data"]}
+    return {"name": "mnist-dist", "version": version, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
-def model_metadata(name: str, contract: dict, platform: str) -> dict:
-    """Name, platform and the tensors the model takes and gives, with -1 for the batch dimension."""
+def model_metadata(name: str, versions: list, contract: dict, platform: str) -> dict:
+    """Name, loaded versions, platform and the tensors the model takes and gives, with -1 for the batch
+    dimension."""
     shape = [-1 if isinstance(d, str) else d for d in contract["input"]["shape"]]
     classes = len(contract["classes"])
-    return {"name": name, "versions": ["1"], "platform": platform,
+    return {"name": name, "versions": versions, "platform": platform,
             "inputs": [{"name": contract["input"]["name"], "datatype": "FP32", "shape": shape}],
             "outputs": [{"name": output, "datatype": "FP32", "shape": [-1, classes]} for output in OUTPUTS]}
 
@@ -167,7 +168,8 @@ def requested_outputs(request: dict) -> list:
     return chosen
 
 
-def encode_infer(model_name: str, request: InferRequest, logits: np.ndarray, probabilities: np.ndarray) -> tuple:
+def encode_infer(model_name: str, model_version: str, request: InferRequest, logits: np.ndarray,
+                 probabilities: np.ndarray) -> tuple:
     """(body bytes, JSON header length or None): JSON alone, or JSON followed by the binary outputs."""
     tensors = {"logits": logits, "probabilities": probabilities}
     described, blobs = [], []
@@ -180,7 +182,7 @@ def encode_infer(model_name: str, request: InferRequest, logits: np.ndarray, pro
         else:
             entry["data"] = values.reshape(-1).tolist()
         described.append(entry)
-    answer: dict = {"model_name": model_name, "model_version": "1", "outputs": described}
+    answer: dict = {"model_name": model_name, "model_version": model_version, "outputs": described}
     if request.id is not None:
         answer["id"] = request.id
     header = orjson.dumps(answer)

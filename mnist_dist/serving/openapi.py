@@ -7,13 +7,22 @@ fuzz test read them.
 """
 
 
-def model_name(name: str) -> dict:
-    return {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [name]},
-            "description": "The model's name (serve --model-name; mnist by default)"}
+def model_name(names: list) -> dict:
+    return {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names},
+            "description": "A model's name: its folder in the model repository (serve --model-name for one export "
+                           "folder; mnist by default)"}
 
 
-def model_path(name: str) -> dict:
-    return {"parameters": [model_name(name)]}
+def model_path(names: list) -> dict:
+    return {"parameters": [model_name(names)]}
+
+
+VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+           "description": "One of the model's loaded versions (its folder's number)"}
+
+
+def version_path(names: list) -> dict:
+    return {"parameters": [model_name(names), VERSION]}
 
 TENSOR = {
     "type": "object",
@@ -29,13 +38,16 @@ TENSOR = {
     },
 }
 
-def busy_paths(name: str) -> dict:
-    """The path items of POST /v2/models/{name}/infer and POST /v1/predict."""
-    infer = {"summary": "Inference: FP32 or UINT8 [N,1,28,28] in; logits, probabilities out",
-             "parameters": [model_name(name), INFER_HEADER], "requestBody": INFER_BODY, "responses": RESPONSES}
+def busy_paths(names: list) -> dict:
+    """The path items of POST /v2/models/{name}[/versions/{version}]/infer and POST /v1/predict."""
+    infer = {"summary": "Inference (the newest version): FP32 or UINT8 [N,1,28,28] in; logits, probabilities out",
+             "parameters": [model_name(names), INFER_HEADER], "requestBody": INFER_BODY, "responses": RESPONSES}
+    versioned = {**infer, "summary": "Inference (one version)",
+                 "parameters": [model_name(names), VERSION, INFER_HEADER]}
     predict = {"summary": "Label images: multipart fields named 'file', or JSON {\"images\": [...]}",
                **V1_PREDICT, "responses": RESPONSES}
-    return {"/v2/models/{name}/infer": {"post": infer}, "/v1/predict": {"post": predict}}
+    return {"/v2/models/{name}/infer": {"post": infer}, "/v2/models/{name}/versions/{version}/infer":
+            {"post": versioned}, "/v1/predict": {"post": predict}}
 
 
 RESPONSES = {

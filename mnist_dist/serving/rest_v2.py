@@ -15,16 +15,16 @@ from .front import Answer, Template, answer_of
 from .options import MAX_IMAGES
 
 
-def busy_routes(model_name: str) -> list:
+def busy_routes() -> list:
     """POST .../infer, answered ahead of FastAPI (``front.BusyRoutes``)."""
 
     async def infer(request: Request, body: bytes) -> Answer:
-        known_model(request, model_name)
-        job = InferJob(body, request.headers.get("inference-header-content-length"),
-                       request.app.state.served.model.manifest, model_name)
-        payload, header_size = await answer_of(request, job)
+        model = requested_model(request)
+        job = InferJob(body, request.headers.get("inference-header-content-length"), model.manifest, model.name,
+                       model.version)
+        payload, header_size = await answer_of(request, model, job)
         assert job.request is not None  # prepared, since it was answered
-        metrics.images("labelled").inc(len(job.request.images))
+        metrics.images("labelled", model.name, model.version).inc(len(job.request.images))
         if header_size is None:
             return Answer(payload)
         return Answer(payload, b"application/octet-stream",
@@ -35,10 +35,14 @@ def busy_routes(model_name: str) -> list:
              Template("/v2/models/{name}/versions/{version}/infer"), infer)]
 
 
-def add_v2_routes(app: FastAPI, model_name: str) -> None:
-    def readiness(request: Request) -> Response:
-        ready = request.app.state.lifecycle.ready(request.app.state.batcher)
-        return Response(status_code=200 if ready else 400)  # the spec: 200 is true, a 4xx false; no body
+def requested_model(request: Request):
+    """The model version a /v2/models/{name}[/versions/{version}] path asks for; 404 if none is loaded."""
+    return request.app.state.repository.resolve(request.path_params["name"], request.path_params.get("version"))
+
+
+def add_v2_routes(app: FastAPI) -> None:
+    names = list(app.state.repository.loaded)
+    unversioned, versioned = openapi.model_path(names), openapi.version_path(names)
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
@@ -48,37 +52,40 @@ def add_v2_routes(app: FastAPI, model_name: str) -> None:
     async def live():
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", summary="Readiness (200: ready; 400: loading, draining or failed)")
+    @app.get("/v2/health/ready", summary="Readiness (200: every model loaded; 400: loading, draining or failed)")
     async def ready(request: Request):
-        return readiness(request)
+        state = request.app.state
+        return readiness(state.lifecycle.ready() and state.repository.ready())
 
-    @app.get("/v2/models/{name}", summary="Model metadata", openapi_extra=openapi.model_path(model_name))
-    @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
+    @app.get("/v2/models/{name}", summary="Model metadata (its newest version)", openapi_extra=unversioned)
+    @app.get("/v2/models/{name}/versions/{version}", summary="Model metadata (one version)",
+             openapi_extra=versioned)
     async def model_metadata(request: Request):
-        known_model(request, model_name)
-        served = request.app.state.served
-        return oip.model_metadata(model_name, served.model.manifest, f"onnxruntime_onnx ({served.model.description})")
+        model = requested_model(request)
+        return oip.model_metadata(model.name, request.app.state.repository.versions(model.name), model.manifest,
+                                  model.platform)
 
-    @app.get("/v2/models/{name}/ready", summary="Model readiness", openapi_extra=openapi.model_path(model_name))
-    @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+    @app.get("/v2/models/{name}/ready", summary="Model readiness", openapi_extra=unversioned)
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness",
+             openapi_extra=versioned)
     async def model_ready(request: Request):
-        known_model(request, model_name)
-        return readiness(request)
+        try:
+            model = requested_model(request)
+        except BadRequest:  # not loaded: not ready, which is an answer, not an error
+            return readiness(False)
+        return readiness(model.running and request.app.state.lifecycle.ready())
 
 
-
-def known_model(request: Request, model_name: str) -> None:
-    """The path names this server's model (its only version, 1), or the answer is 404."""
-    name, version = request.path_params["name"], request.path_params.get("version", "1")
-    if name != model_name or version != "1":
-        raise BadRequest(f"no model {name!r} (version {version}); this server has {model_name!r} (version 1)", 404)
+def readiness(ready: bool) -> Response:
+    return Response(status_code=200 if ready else 400)  # the spec: 200 is true, a 4xx false; no body
 
 
 class InferJob(Job):
     """An Open Inference Protocol request: parsed and answered on the batcher's thread."""
 
-    def __init__(self, body: bytes, header_length: str | None, manifest: dict, model_name: str):
-        self.body, self.header_length, self.manifest, self.model_name = body, header_length, manifest, model_name
+    def __init__(self, body: bytes, header_length: str | None, manifest: dict, model_name: str, version: str):
+        self.body, self.header_length, self.manifest = body, header_length, manifest
+        self.model_name, self.version = model_name, version
         self.request: oip.InferRequest | None = None
 
     def prepare(self) -> np.ndarray:
@@ -87,5 +94,5 @@ class InferJob(Job):
 
     def finish(self, logits: np.ndarray, probabilities: np.ndarray) -> tuple:
         assert self.request is not None
-        return oip.encode_infer(self.model_name, self.request, logits, probabilities)
+        return oip.encode_infer(self.model_name, self.version, self.request, logits, probabilities)
 

@@ -1,0 +1,425 @@
+"""The models a server holds: which versions of which models the repository has, which are loaded, and the switch
+from one version to the next without a request lost.
+
+A load runs in the background of the event loop: each new version is opened
+through ``open_model`` (its manifest, its sha256, its shapes), warmed up and
+given its own batcher; only then does it take traffic, in one assignment of
+the model's versions. Requests already taken by a version being replaced are
+answered by it, then it is closed and its memory handed back. A load that
+fails changes nothing: the versions serving go on serving. (Triton's POLL
+mode unloads first, triton-inference-server/server#2076; this never does.)
+
+``Source`` is where the repository lives: a local folder, read in place, or a
+URL (s3://, gs://, ... through ``inference.storage``), listed remotely and
+copied version by version into a local cache before anything opens it. A
+folder with a manifest at its top is one export: a repository of one model
+(``--model-name``) with one version, 1.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import UserError, one_line
+from ..inference import manifest as manifest_lib
+from ..inference import repository as layout
+from ..inference import storage
+from . import metrics
+from .errors import BadRequest
+from .model import ServedModel
+from .options import ServeOptions
+
+SOURCE_STAMPS = ".source.json"  # in a cached version: the remote objects it was copied from
+
+
+class Policy:
+    """Which of a model's versions to serve (Triton's version policy): ``latest:N``, ``all`` or ``specific:1,3``."""
+
+    def __init__(self, text: str):
+        kind, _, value = text.partition(":")
+        self.text, self.kind = text, kind
+        try:
+            if kind == "latest":
+                self.count = int(value or 1)
+                if self.count < 1:
+                    raise ValueError
+            elif kind == "specific":
+                self.versions = [str(int(v)) for v in value.split(",")]
+            elif kind != "all" or value:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"version policy {text!r}: use latest:N (N >= 1), all, or specific:1,3") from None
+
+    def choose(self, available: list) -> list:
+        """The versions to serve, of those available (sorted oldest first)."""
+        if self.kind == "latest":
+            return available[-self.count:]
+        if self.kind == "all":
+            return list(available)
+        return [v for v in available if v in self.versions]
+
+
+class Source:
+    """The repository's models and versions, and each version's local folder."""
+
+    def __init__(self, location: str, single_name: str, cache_dir: str | None = None):
+        self.location, self.single_name = location, single_name
+        self.place = storage.locate(location)
+        self.cache = None if self.place.is_local else cache_folder(location, cache_dir)
+        if self.place.is_local and not Path(self.place.path).is_dir():
+            raise UserError(f"model repository {location} is not a folder")
+        # One export folder stays one: while `export --force` replaces it, it has no manifest for a moment, and a
+        # poll then must not take the model for gone.
+        self.single = self.place.is_local and layout.is_export_folder(Path(self.place.path))
+
+    def listing(self) -> dict:
+        """{name: {version: stamp}}: what the repository holds now (a remote one is listed, not copied). Versions
+        are folders with a manifest; a claimed number still being renamed into place has none yet."""
+        if self.single:
+            root = Path(self.place.path)
+            if not layout.is_export_folder(root):
+                raise UserError(f"{root} has no {manifest_lib.MANIFEST} now")
+            return {self.single_name: {"1": manifest_stamp(root)}}
+        if self.place.is_local:
+            return local_listing(Path(self.place.path))
+        return remote_listing(self.place, self.single_name)
+
+    def model_folder(self, name: str) -> Path:
+        if self.place.is_local:
+            root = Path(self.place.path)
+            return root if self.single else root / name
+        assert self.cache is not None
+        return self.cache / name
+
+    def version_folder(self, name: str, version: str) -> Path:
+        """The version's local folder: a remote one is copied into the cache first (again if it changed)."""
+        if self.place.is_local:
+            folder = self.model_folder(name)
+            return folder if self.single else folder / version
+        assert self.cache is not None
+        return fetch_version(self.place, self.single_name, self.cache, name, version)
+
+    def config(self, name: str) -> dict:
+        return layout.model_config(self.model_folder(name))
+
+
+def local_listing(root: Path) -> dict:
+    listing = {}
+    for model in sorted(root.iterdir()):
+        if model.is_dir() and layout.NAME.fullmatch(model.name):
+            versions = {v: manifest_stamp(model / v) for v in layout.versions_in(model)
+                        if layout.is_export_folder(model / v)}
+            if versions:
+                listing[model.name] = versions
+    return listing
+
+
+def manifest_stamp(folder: Path) -> str:
+    return str((folder / manifest_lib.MANIFEST).stat().st_mtime_ns)
+
+
+def remote_objects(place: storage.Place) -> dict:
+    """{path relative to the repository: stamp} of every object under it."""
+    try:
+        found = place.fs.find(place.path, detail=True)
+    except Exception as e:  # the store's own errors: no such bucket, no access, no network
+        raise UserError(f"cannot list the model repository {place.name} ({storage.describe_error(e)})") from None
+    root = place.path.rstrip("/") + "/"
+    return {path[len(root):]: storage.stamp(info) for path, info in found.items() if path.startswith(root)}
+
+
+def remote_listing(place: storage.Place, single_name: str) -> dict:
+    objects = remote_objects(place)
+    if manifest_lib.MANIFEST in objects:
+        return {single_name: {"1": objects[manifest_lib.MANIFEST]}}
+    listing: dict = {}
+    for relative, stamp in objects.items():
+        parts = relative.split("/")
+        if (len(parts) == 3 and parts[2] == manifest_lib.MANIFEST and layout.NAME.fullmatch(parts[0])
+                and layout.is_version(parts[1])):
+            listing.setdefault(parts[0], {})[parts[1]] = stamp
+    return {name: dict(sorted(versions.items(), key=lambda kv: int(kv[0]))) for name, versions in listing.items()}
+
+
+def cache_folder(location: str, cache_dir: str | None) -> Path:
+    """Where a remote repository's versions are copied: one folder per repository URL."""
+    base = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                       "mnist-dist", "repositories")
+    folder = base / hashlib.sha256(location.encode()).hexdigest()[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the model cache {folder} ({e.strerror or e})") from None
+    return folder
+
+
+def fetch_version(place: storage.Place, single_name: str, cache: Path, name: str, version: str) -> Path:
+    """Copy one version (or the model's config.json) from the store into the cache, unless the cached copy came
+    from the same objects; staged, then renamed, so that a copy cut short is never taken for a version."""
+    objects = remote_objects(place)
+    single = manifest_lib.MANIFEST in objects
+    prefix = "" if single else f"{name}/{version}/"
+    wanted = {rel[len(prefix):]: stamp for rel, stamp in objects.items()
+              if rel.startswith(prefix) and (not single or "/" not in rel)}
+    if not wanted:
+        raise UserError(f"{name} version {version} is no longer in the repository")
+    target = cache / name / version
+    (cache / name).mkdir(parents=True, exist_ok=True)
+    if not single and f"{name}/{layout.CONFIG}" in objects:
+        place.fs.get(place.child(f"{name}/{layout.CONFIG}").path, str(cache / name / layout.CONFIG))
+    stamps = target / SOURCE_STAMPS
+    if stamps.is_file() and json.loads(stamps.read_text()) == wanted:
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=cache / name))
+    try:
+        for relative in wanted:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            place.fs.get(place.child(prefix + relative).path, str(staging / relative))
+        (staging / SOURCE_STAMPS).write_text(json.dumps(wanted))
+        old = target.with_name(f".{version}.old.{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        raise UserError(f"cannot copy {name} version {version} from {place.name} "
+                        f"({storage.describe_error(e)})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+class ModelRepository:
+    """The loaded versions of every model, and their loads, unloads and switches (on the event loop, except
+    ``open_all``, which runs before it)."""
+
+    def __init__(self, options: ServeOptions, log=print):
+        self.options, self.log = options, log
+        self.source = Source(options.repository, options.model_name, options.cache_dir)
+        self.policy = Policy(options.version_policy)
+        self.loaded: dict = {}  # name -> {version: ServedModel}, replaced whole by a switch, never changed in place
+        self.wanted: set = set()  # models that should be loaded: readiness waits for each
+        self.failed: dict = {}  # name -> (what was tried, why it failed): poll retries only once it changes
+        self.locks: dict = {}
+
+    # --- before the event loop: the server's start -----------------------------------------------------------------
+
+    def open_all(self) -> None:
+        """Open every model's versions (its policy's), or raise the first failure as a UserError."""
+        listing = self.source.listing()
+        if not listing:
+            raise UserError(f"{self.options.repository} holds no model: expected <name>/<version>/ folders, each an "
+                            "export (mnist-dist export --repository), or one export folder")
+        for name, versions in listing.items():
+            chosen = self.choose(name, list(versions))
+            models = {}
+            for version in chosen:
+                model = ServedModel(name, version, self.model_path(name, version), self.options)
+                self.timed_load(model)
+                models[version] = model
+            self.loaded[name] = models
+            self.wanted.add(name)
+
+    async def start(self) -> None:
+        """Start the batchers of the versions opened before the loop."""
+        for models in self.loaded.values():
+            for model in models.values():
+                await model.start()
+                metrics.READY.labels(model.name, model.version).set(1)
+
+    async def stop(self) -> None:
+        for models in self.loaded.values():
+            for model in models.values():
+                if model.batcher is not None:
+                    await model.batcher.stop()
+
+    # --- what the routers ask -------------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str | None = None) -> ServedModel:
+        """The version that answers a request for ``name`` (the newest loaded one, unless ``version`` says);
+        BadRequest 404 when there is none."""
+        models = self.loaded.get(name)
+        if not models:
+            loaded = ", ".join(repr(n) for n in self.loaded) or "none"
+            raise BadRequest(f"no model {name!r} is loaded (loaded: {loaded})", 404)
+        if version is None:
+            return models[max(models, key=int)]
+        model = models.get(version)
+        if model is None:
+            raise BadRequest(f"model {name!r} has no version {version} loaded (loaded: {', '.join(models)})", 404)
+        return model
+
+    def default(self) -> ServedModel:
+        """The model of /v1 and the page: --model-name's, or the only model loaded."""
+        if self.options.model_name in self.loaded or len(self.loaded) != 1:
+            return self.resolve(self.options.model_name)
+        return self.resolve(next(iter(self.loaded)))
+
+    def versions(self, name: str) -> list:
+        return sorted(self.loaded.get(name, {}), key=int)
+
+    def ready(self) -> bool:
+        return all(self.loaded.get(name) and all(m.running for m in self.loaded[name].values())
+                   for name in self.wanted)
+
+    def index(self) -> list:
+        """Triton's repository index: every version in the repository or loaded, and its state."""
+        listing = self.source.listing()
+        entries = []
+        for name in sorted(set(listing) | set(self.loaded)):
+            loaded = self.loaded.get(name, {})
+            for version in sorted(set(listing.get(name, {})) | set(loaded), key=int):
+                if version in loaded:
+                    entries.append({"name": name, "version": version, "state": "READY", "reason": ""})
+                else:
+                    failed = self.failed.get(name)
+                    reason = failed[1] if failed and version in failed[0][0] else "unloaded"
+                    entries.append({"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason})
+        return entries
+
+    # --- loads and unloads ----------------------------------------------------------------------------------------
+
+    async def load(self, name: str) -> list:
+        """Load (or reload) a model: its policy's versions from the repository as it is now, the new ones opened and
+        warmed up before they take traffic, then versions no longer wanted retired. BadRequest (400) with the
+        reason when any fails: then nothing changes. Returns the versions now loaded."""
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            listing = await asyncio.to_thread(self.source.listing)
+            if name not in listing:
+                raise BadRequest(f"no model {name!r} in the repository {self.options.repository}", 400)
+            try:
+                chosen = self.choose(name, list(listing[name]))
+            except UserError as e:
+                raise BadRequest(str(e), 400) from None
+            tried = (chosen, [listing[name][v] for v in chosen])
+            current = self.loaded.get(name, {})
+            fresh: dict = {}
+            try:
+                for version in (v for v in chosen if v not in current):
+                    fresh[version] = await self.open_version(name, version)
+            except BadRequest as e:
+                self.failed[name] = (tried, str(e))
+                await asyncio.gather(*(m.close() for m in fresh.values()))
+                raise
+            self.failed.pop(name, None)
+            # The switch: one assignment, between two requests; a request holds the version it was given.
+            self.loaded = {**self.loaded, name: {v: fresh.get(v) or current[v] for v in chosen}}
+            self.wanted.add(name)
+            for model in fresh.values():
+                metrics.READY.labels(name, model.version).set(1)
+                self.log(f"Loaded {name} version {model.version} ({model.runner.description}) in "
+                         f"{model.load_s:.2f} s")
+            await self.retire([m for v, m in current.items() if v not in chosen])
+            return chosen
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of a model: not ready at once, and closed once each has answered what it took."""
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            if name not in self.loaded:
+                if name not in await asyncio.to_thread(self.source.listing):
+                    raise BadRequest(f"no model {name!r} in the repository {self.options.repository}", 400)
+                return
+            models = self.loaded[name]
+            self.loaded = {n: m for n, m in self.loaded.items() if n != name}
+            self.wanted.discard(name)
+            await self.retire(list(models.values()))
+
+    async def open_version(self, name: str, version: str) -> ServedModel:
+        try:
+            path = await asyncio.to_thread(self.model_path, name, version)
+            model = ServedModel(name, version, path, self.options)
+            await asyncio.to_thread(self.timed_load, model)
+        except UserError as e:
+            raise BadRequest(f"{name} version {version} failed to load: {e}", 400) from None
+        await model.start()
+        return model
+
+    def timed_load(self, model: ServedModel) -> None:
+        started = time.perf_counter()
+        try:
+            try:
+                model.load()
+            except UserError:
+                raise
+            except Exception as e:  # a runtime's own error for a file it cannot read
+                raise UserError(f"cannot load {model.path} ({one_line(e, 200)})") from e
+        except UserError:
+            metrics.LOADS.labels(model.name, model.version, "failed").inc()
+            raise
+        model.load_s = time.perf_counter() - started
+        metrics.LOADS.labels(model.name, model.version, "loaded").inc()
+        metrics.LOAD_SECONDS.labels(model.name).observe(model.load_s)
+
+    async def retire(self, models: list) -> None:
+        for model in models:
+            metrics.READY.labels(model.name, model.version).set(0)
+            await model.close()
+            metrics.UNLOADS.labels(model.name, model.version).inc()
+            self.log(f"Unloaded {model.name} version {model.version}")
+        if models:
+            release_memory()
+
+    def choose(self, name: str, available: list) -> list:
+        config = self.source.config(name)
+        policy = Policy(config["version_policy"]) if "version_policy" in config else self.policy
+        chosen = policy.choose(available)
+        if not chosen:
+            raise UserError(f"model {name!r}: version policy {policy.text} matches none of its versions "
+                            f"({', '.join(available)})")
+        return chosen
+
+    def model_path(self, name: str, version: str) -> Path:
+        filename = self.source.config(name).get("default_model_filename", self.options.model)
+        if Path(filename).suffix != ".onnx" or Path(filename).name != filename:
+            raise UserError(f"{name}: the server runs ONNX files of the version's folder (model.onnx or "
+                            f"model.int8.onnx), not {filename!r}")
+        return self.source.version_folder(name, version) / filename
+
+    # --- poll mode ----------------------------------------------------------------------------------------------------
+
+    async def poll_forever(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.poll_once()
+            except UserError as e:  # the store cannot be listed now: try again at the next poll
+                self.log(f"Repository poll failed: {e}")
+            except Exception as e:  # the server's own fault: said, and polling goes on
+                self.log(f"Repository poll failed: internal error ({type(e).__name__}: {one_line(e, 200)})")
+
+    async def poll_once(self) -> None:
+        """Bring the loaded models in line with the repository: new versions loaded, models gone unloaded. A
+        version that failed is tried again only once the repository changes."""
+        listing = await asyncio.to_thread(self.source.listing)
+        for name in [n for n in self.loaded if n not in listing]:
+            await self.unload(name)
+        for name, versions in listing.items():
+            try:
+                chosen = self.choose(name, list(versions))
+            except UserError:
+                continue
+            tried = (chosen, [versions[v] for v in chosen])
+            if chosen == self.versions(name) or self.failed.get(name, (None,))[0] == tried:
+                continue
+            try:
+                await self.load(name)
+            except BadRequest as e:  # the versions serving go on serving
+                self.log(f"Not loaded: {e}")
+
+
+def release_memory() -> None:
+    """Hand the memory of closed sessions back to the system: collected now, and glibc's free lists trimmed
+    (without it, freed arenas stay in the process and RSS grows with each load)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
