@@ -10,7 +10,7 @@ import pytest
 from mnist_dist.errors import UserError
 from mnist_dist.inference.repository import publish_version, versions_in
 from mnist_dist.serving.batching import Job, MicroBatcher, Overloaded
-from mnist_dist.serving.repository import Policy
+from mnist_dist.serving.repository import Policy, Source
 
 
 @pytest.mark.parametrize("policy, chosen", [("latest:1", ["12"]), ("latest:2", ["3", "12"]), ("latest", ["12"]),
@@ -83,3 +83,20 @@ def test_a_full_queue_refuses_before_decoding():
     refused = [a for a in answers if isinstance(a, Overloaded)]
     assert decoded_while_busy == 1 and len(refused) == 7
     assert answers.count((1, 10)) == 3 and Counted.prepared == 3
+
+
+def test_a_listing_takes_only_whole_versions_and_one_export_stays_one(tmp_path):
+    repository = tmp_path / "models"
+    for folder in ("mnist/1", "mnist/12", "mnist/.3.tmp", "mnist/4", "notes/1", "bad name/1"):
+        (repository / folder).mkdir(parents=True)
+    for version in ("mnist/1", "mnist/12", "mnist/.3.tmp", "bad name/1"):
+        (repository / version / "manifest.json").write_text("{}")
+    listing = Source(str(repository), "unused").listing()
+    assert {name: list(versions) for name, versions in listing.items()} == {"mnist": ["1", "12"]}
+    # mnist/4 has no manifest yet: a number claimed by an exporter that has not renamed its folder in
+    export = repository / "mnist" / "1"
+    single = Source(str(export), "digits")
+    assert list(single.listing()) == ["digits"] and single.version_folder("digits", "1") == export
+    (export / "manifest.json").unlink()  # export --force replacing the folder: for a moment, no manifest
+    with pytest.raises(UserError, match=r"has no manifest\.json now"):
+        single.listing()  # an error a poll waits out, not an empty repository whose models it would unload

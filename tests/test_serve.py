@@ -1,5 +1,6 @@
 """mnist-dist serve: the API answers as predict does, survives bad input and load, and the page works in a browser."""
 import base64
+import gc
 import json
 import re
 import shutil
@@ -175,6 +176,9 @@ def test_model_and_health_endpoints(client, exported_model):
     assert info["temperature"] == manifest["calibration"]["temperature"]
     assert info["sha256"]["model.onnx"] == manifest["files"]["model.onnx"]["sha256"]
     assert info["runtime"].startswith("onnxruntime") and info["batching"]["on"] is True
+    assert (info["name"], info["version"]) == ("mnist", "1")
+    # An app made in someone else's process leaves the process as it was: only the server tunes its own.
+    assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == 0.005
     page = client.get("/")
     assert page.status_code == 200 and '<canvas id="pad"' in page.text
     assert "http" not in re.sub(r"https?://(127\.0\.0\.1|localhost)", "", client.get("/static/app.js").text)

@@ -3,6 +3,7 @@
 mode picking up what `export --repository` writes, a restricted repository API, and a repository in S3."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def test_several_models_and_tritons_client_drives_their_versions(explicit, repos
     assert f'mnist_dist_model_loads_total{{model="mnist",outcome="loaded",version="{new}"}} 2.0' in metrics
     assert f'mnist_dist_model_unloads_total{{model="mnist",version="{old}"}} 1.0' in metrics
     assert f'mnist_dist_model_ready{{model="mnist",version="{new}"}} 1.0' in metrics
+    assert f'mnist_dist_model_ready{{model="mnist",version="{old}"}} 0.0' in metrics
+    assert re.search(r'mnist_dist_model_load_seconds_count\{model="mnist"\} [2-9]', metrics)
 
 
 def test_a_swap_under_load_answers_every_request(explicit, repository, exported_model, images):
@@ -231,6 +234,7 @@ def test_a_version_that_fails_to_load_is_a_400_and_the_one_serving_goes_on(expli
         spoil(folder)
 
     bad = publish(repository, "mnist", spoiled)
+    failed_before = failed_loads(url, bad)
     try:
         response = httpx.post(url + "v2/repository/models/mnist/load")
         assert response.status_code == 400 and reason in response.json()["error"], response.text
@@ -242,8 +246,15 @@ def test_a_version_that_fails_to_load_is_a_400_and_the_one_serving_goes_on(expli
         failed = {(e["version"], e["state"]): e["reason"] for e in client.get_model_repository_index()
                   if e["name"] == "mnist"}
         assert reason in failed[(bad, "UNAVAILABLE")]
+        assert failed_loads(url, bad) == failed_before + 2  # both tries
     finally:
         shutil.rmtree(repository / "mnist" / bad)
+
+
+def failed_loads(url: str, version: str) -> float:
+    found = re.search(rf'mnist_dist_model_loads_total{{model="mnist",outcome="failed",version="{version}"}} (\S+)',
+                      httpx.get(url + "metrics").text)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_memory_stays_flat_across_20_loads_and_unloads(explicit):

@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from . import metrics, rest_repository, rest_v1, rest_v2
 from .front import BusyRoutes, Fronted, add_error_handlers, document_busy_routes
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, settle_process
 from .middleware import BodyLimit, Observed
 from .options import ServeOptions
 from .repository import ModelRepository
@@ -46,13 +46,17 @@ def load(options: ServeOptions, log=print) -> ModelRepository:
     return repository
 
 
-def create_app(repository: ModelRepository) -> FastAPI:
+def create_app(repository: ModelRepository, process_wide: bool = False) -> FastAPI:
+    """The app over the repository's models. ``process_wide``: the app is its process's server, and may tune the
+    process (the garbage collector, the switch interval) once it has started."""
     options = repository.options
     lifecycle = Lifecycle(options.drain_s)
 
     @asynccontextmanager
     async def lifespan(app):
         await repository.start()
+        if process_wide:
+            settle_process()
         poller = (asyncio.create_task(repository.poll_forever(options.poll_s)) if options.control_mode == "poll"
                   else None)
         lifecycle.drain_on_signals(log=print)

@@ -209,7 +209,7 @@ class ModelRepository:
         self.loaded: dict = {}  # name -> {version: ServedModel}, replaced whole by a switch, never changed in place
         self.wanted: set = set()  # models that should be loaded: readiness waits for each
         self.failed: dict = {}  # name -> (what was tried, why it failed): poll retries only once it changes
-        self.locks: dict = {}
+        self.changing: asyncio.Lock | None = None  # one load or unload at a time (made on the event loop)
 
     # --- before the event loop: the server's start -----------------------------------------------------------------
 
@@ -231,6 +231,7 @@ class ModelRepository:
 
     async def start(self) -> None:
         """Start the batchers of the versions opened before the loop."""
+        self.changing = asyncio.Lock()
         for models in self.loaded.values():
             for model in models.values():
                 await model.start()
@@ -292,7 +293,8 @@ class ModelRepository:
         """Load (or reload) a model: its policy's versions from the repository as it is now, the new ones opened and
         warmed up before they take traffic, then versions no longer wanted retired. BadRequest (400) with the
         reason when any fails: then nothing changes. Returns the versions now loaded."""
-        async with self.locks.setdefault(name, asyncio.Lock()):
+        assert self.changing is not None
+        async with self.changing:
             listing = await asyncio.to_thread(self.source.listing)
             if name not in listing:
                 raise BadRequest(f"no model {name!r} in the repository {self.options.repository}", 400)
@@ -323,7 +325,8 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model: not ready at once, and closed once each has answered what it took."""
-        async with self.locks.setdefault(name, asyncio.Lock()):
+        assert self.changing is not None
+        async with self.changing:
             if name not in self.loaded:
                 if name not in await asyncio.to_thread(self.source.listing):
                     raise BadRequest(f"no model {name!r} in the repository {self.options.repository}", 400)
@@ -366,7 +369,7 @@ class ModelRepository:
             metrics.UNLOADS.labels(model.name, model.version).inc()
             self.log(f"Unloaded {model.name} version {model.version}")
         if models:
-            release_memory()
+            await asyncio.to_thread(release_memory)  # the trim takes milliseconds: not on the event loop
 
     def choose(self, name: str, available: list) -> list:
         config = self.source.config(name)

@@ -9,11 +9,9 @@ them up.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import socket
-import sys
 import tempfile
 from dataclasses import asdict, replace
 
@@ -21,11 +19,6 @@ from ..errors import UserError
 from .app import load
 from .model import run_threads
 from .options import ServeOptions
-
-# Measured at 32 clients, alternated side by side: on the AVX2 EPYC 1 ms answered 15% more requests than 5 ms and
-# 0.2-3 ms about the same; on the Zen 5 EPYC (OIP binary, two model threads) 0.2 ms answered 1.21x the requests of
-# 1 ms, and 0.1 ms 1.03x those of 0.2 ms in a second run (0.05 ms 1.06x: within noise).
-SWITCH_INTERVAL_S = 0.0001
 
 WORKER_OPTIONS = "MNIST_DIST_SERVE_OPTIONS"  # how the supervisor hands the options to the workers it spawns
 
@@ -73,17 +66,6 @@ def served_what(repository) -> str:
     return f"{listed} from {repository.options.repository} ({models[0].runner.description})"
 
 
-def settle_process() -> None:
-    """Process-wide settings of a server process, made once its models are loaded."""
-    # Everything loaded so far (onnxruntime, the models) mostly lives until exit: keep it out of the garbage
-    # collector's full passes, which otherwise walk all of it and stall every request in flight.
-    gc.collect()
-    gc.freeze()
-    # A model thread, back from a run, waits for the GIL until the event loop lets go of it, at most a switch
-    # interval (5 ms by default) while the loop is busy with a burst of requests; the model waits with it.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-
-
 def uvicorn_config(app, **settings):
     import uvicorn
 
@@ -96,9 +78,7 @@ def run_one(repository, sock: socket.socket) -> None:
 
     from .app import create_app
 
-    app = create_app(repository)
-    settle_process()
-    uvicorn.Server(uvicorn_config(app)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(create_app(repository, process_wide=True))).run(sockets=[sock])
 
 
 def run_workers(options: ServeOptions, sock: socket.socket, workers: int) -> None:
@@ -116,7 +96,5 @@ def worker_app():
     from .app import create_app
 
     options = json.loads(os.environ[WORKER_OPTIONS])
-    app = create_app(load(ServeOptions(**{**options, "restricted_key": options["restricted_key"] and
-                                           tuple(options["restricted_key"])})))
-    settle_process()
-    return app
+    restricted_key = options["restricted_key"] and tuple(options["restricted_key"])  # JSON made the tuple a list
+    return create_app(load(ServeOptions(**{**options, "restricted_key": restricted_key})), process_wide=True)
