@@ -30,6 +30,7 @@ TABLES = {
     "predict": ("mnist_dist.bench.predict:readme_table",
                 ["benchmarks/predict-cpu-avx2-deploy.json", "benchmarks/predict-cpu-avx512.json"]),
     "predict-s3": ("mnist_dist.bench.predict:s3_table", ["benchmarks/predict-s3-cpu-avx2.json"]),
+    "serve-swap": ("mnist_dist.bench.serve:swap_table", ["benchmarks/serve-swap-cpu-avx512.json"]),
     "serve": ("mnist_dist.bench.serve:readme_table",
               ["benchmarks/serve-cpu-avx2.json", "benchmarks/serve-cpu-avx512.json"]),
 }
@@ -75,14 +76,15 @@ def main(root, check):
         if all(f"<!-- {name}-table:start -->" not in text for text in placed.values()):
             raise click.ClickException(f"no page has the <!-- {name}-table:start --> ... end markers")
         updated = placed
-    stale = [str(page.relative_to(root)) for page in texts if updated[page] != texts[page]]
+    stale = [page for page in texts if updated[page] != texts[page]]
+    names = ", ".join(str(page.relative_to(root)) for page in stale)
     if check:
         if stale:
-            raise click.ClickException(f"generated tables out of date in {', '.join(stale)}: run jobs/perf_table.py")
+            raise click.ClickException(f"generated tables out of date in {names}: run jobs/perf_table.py")
         return
     for page in stale:
         write_text(page, updated[page])
-    click.echo(f"Updated {len(stale)} page(s): {', '.join(stale) or 'none needed'}")
+    click.echo(f"Updated {len(stale)} page(s): {names or 'none needed'}")
 
 
 if __name__ == "__main__":
