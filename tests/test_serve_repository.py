@@ -309,6 +309,14 @@ def test_poll_mode_picks_up_the_version_export_writes(trained_run, exported, tmp
         wait_for(lambda: httpx.get(url + "v2/models/mnist/versions/1/ready").status_code == 400, timeout=30)
         answer = httpx.post(url + "v1/predict", json={"images": [[[0] * 28] * 28]}).json()
         assert answer["model_version"] == "2"
+        # A model that appears is loaded; one that goes is unloaded, and the others serve on.
+        shutil.copytree(exported[0], tmp_path / "staging")
+        (repository / "digits").mkdir()
+        (tmp_path / "staging").rename(repository / "digits" / "1")
+        wait_for(lambda: httpx.get(url + "v2/models/digits/versions/1/ready").status_code == 200, timeout=30)
+        shutil.rmtree(repository / "digits")
+        wait_for(lambda: httpx.get(url + "v2/models/digits/ready").status_code == 400, timeout=30)
+        assert httpx.get(url + "v2/models/mnist/versions/2/ready").status_code == 200
     finally:
         stop(proc)
     assert "Not loaded" not in proc.stdout.read()
