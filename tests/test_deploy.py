@@ -221,8 +221,8 @@ TORCH_FREE = [
     "errors", "extras", "atomic", "locks", "scores", "sysinfo", "launch", "interrupt", "collective", "data.idx",
     "inference.manifest", "inference.runtimes", "inference.models", "inference.images", "inference.inputs",
     "inference.outputs", "inference.chunks", "inference.storage", "inference.lease", "inference.predict",
-    "inference.repository", "serving.app", "serving.batching", "serving.model", "serving.repository", "serving.server",
-    "cli"
+    "inference.repository", "serving.app", "serving.batching", "serving.model", "serving.repository",
+    "serving.sources", "serving.server", "cli"
 ]
 
 

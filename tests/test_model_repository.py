@@ -10,7 +10,8 @@ import pytest
 from mnist_dist.errors import UserError
 from mnist_dist.inference.repository import publish_version, versions_in
 from mnist_dist.serving.batching import Job, MicroBatcher, Overloaded
-from mnist_dist.serving.repository import Policy, Source
+from mnist_dist.serving.repository import Policy
+from mnist_dist.serving.sources import Source
 
 
 @pytest.mark.parametrize("policy, chosen", [("latest:1", ["12"]), ("latest:2", ["3", "12"]), ("latest", ["12"]),
