@@ -335,6 +335,7 @@ def test_a_repository_in_s3_loads_and_a_tampered_object_is_refused(repository, e
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("models-bucket")
         fs.put(str(repository / "mnist" / "1") + "/", "models-bucket/repo/mnist/1/", recursive=True)
+        fs.put(str(repository / "mnist-int8") + "/", "models-bucket/repo/mnist-int8/", recursive=True)
         # KServe's convention: the repository's URL in STORAGE_URI, no flag.
         proc, url = start_server(None, "--model-control-mode", "explicit", "--runtime", "onnxruntime",
                                  "--cache-dir", tmp_path / "cache",
@@ -343,6 +344,8 @@ def test_a_repository_in_s3_loads_and_a_tampered_object_is_refused(repository, e
         expected = onnxruntime_logits(repository / "mnist" / "1", images[0])
         version, logits = infer(client, triton_http, images[0])
         assert version == "1" and np.abs(logits - expected).max() < 1e-4
+        # Its config.json is read in the store, before any version is copied: the first load serves its file.
+        assert httpx.get(url + "v1/model?model=mnist-int8").json()["model"] == "model.int8.onnx"
         tampered = shifted_version(exported_model, tmp_path / "v2", 1.0)
         model = bytearray((tampered / "model.onnx").read_bytes())
         model[-10] ^= 0xFF  # one byte changed in the store, after the manifest was written

@@ -46,14 +46,16 @@ def is_export_folder(folder: Path) -> bool:
 def model_config(model_folder: Path) -> dict:
     """The model's own settings (config.json beside its versions), or {}."""
     path = model_folder / CONFIG
-    if not path.is_file():
-        return {}
+    return parse_config(path.read_text(), path) if path.is_file() else {}
+
+
+def parse_config(text: str, where) -> dict:
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(text)
     except ValueError as e:
-        raise UserError(f"{path} is not JSON ({e})") from None
+        raise UserError(f"{where} is not JSON ({e})") from None
     if not isinstance(config, dict):
-        raise UserError(f"{path} must hold a JSON object")
+        raise UserError(f"{where} must hold a JSON object")
     return config
 
 

@@ -25,7 +25,8 @@ from .batching import Job, MicroBatcher, Unbatched
 from .options import ServeOptions
 
 # Triton's platform names, by what runs the ONNX file.
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "onnxruntime-cuda": "onnxruntime_onnx", "openvino": "openvino"}
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "onnxruntime-cuda": "onnxruntime_onnx", "openvino": "openvino",
+             "openvino-bf16": "openvino"}
 
 
 class ServedModel:

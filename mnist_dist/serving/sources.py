@@ -46,22 +46,35 @@ class Source:
         return remote_listing(self.place, self.single_name)
 
     def model_folder(self, name: str) -> Path:
-        if self.place.is_local:
-            root = Path(self.place.path)
-            return root if self.single else root / name
-        assert self.cache is not None
-        return self.cache / name
+        """A local repository's folder of the model (the export folder itself, for one)."""
+        root = Path(self.place.path)
+        return root if self.single else root / name
 
     def version_folder(self, name: str, version: str) -> Path:
         """The version's local folder: a remote one is copied into the cache first (again if it changed)."""
         if self.place.is_local:
-            folder = self.model_folder(name)
-            return folder if self.single else folder / version
+            return self.model_folder(name) if self.single else self.model_folder(name) / version
         assert self.cache is not None
-        return fetch_version(self.place, self.single_name, self.cache, name, version)
+        return fetch_version(self.place, self.cache, name, version, self.remote_single())
 
     def config(self, name: str) -> dict:
-        return layout.model_config(self.model_folder(name))
+        """The model's config.json, read where the repository lives (a remote one before any version is copied)."""
+        if self.place.is_local:
+            return layout.model_config(self.model_folder(name))
+        if self.remote_single():
+            return {}
+        place = self.place.child(f"{name}/{layout.CONFIG}")
+        try:
+            text = place.fs.cat_file(place.path).decode()
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # the store's own errors
+            raise UserError(f"cannot read {place.name} ({storage.describe_error(e)})") from None
+        return layout.parse_config(text, place.name)
+
+    def remote_single(self) -> bool:
+        """A remote repository that is one export folder (a manifest at its top)."""
+        return self.place.fs.exists(self.place.child(manifest_lib.MANIFEST).path)
 
 
 def local_listing(root: Path) -> dict:
@@ -114,28 +127,23 @@ def cache_folder(location: str, cache_dir: str | None) -> Path:
     return folder
 
 
-def fetch_version(place: storage.Place, single_name: str, cache: Path, name: str, version: str) -> Path:
-    """Copy one version (or the model's config.json) from the store into the cache, unless the cached copy came
-    from the same objects; staged, then renamed, so that a copy cut short is never taken for a version."""
-    objects = remote_objects(place)
-    single = manifest_lib.MANIFEST in objects
-    prefix = "" if single else f"{name}/{version}/"
-    wanted = {rel[len(prefix):]: stamp for rel, stamp in objects.items()
-              if rel.startswith(prefix) and (not single or "/" not in rel)}
+def fetch_version(place: storage.Place, cache: Path, name: str, version: str, single: bool) -> Path:
+    """Copy one version from the store into the cache, unless the cached copy came from the same objects; staged,
+    then renamed, so that a copy cut short is never taken for a version."""
+    source = place if single else place.child(f"{name}/{version}")
+    wanted = {rel: stamp for rel, stamp in remote_objects(source).items() if not single or "/" not in rel}
     if not wanted:
         raise UserError(f"{name} version {version} is no longer in the repository")
     target = cache / name / version
-    (cache / name).mkdir(parents=True, exist_ok=True)
-    if not single and f"{name}/{layout.CONFIG}" in objects:
-        place.fs.get(place.child(f"{name}/{layout.CONFIG}").path, str(cache / name / layout.CONFIG))
+    target.parent.mkdir(parents=True, exist_ok=True)
     stamps = target / SOURCE_STAMPS
     if stamps.is_file() and json.loads(stamps.read_text()) == wanted:
         return target
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=cache / name))
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=target.parent))
     try:
         for relative in wanted:
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            place.fs.get(place.child(prefix + relative).path, str(staging / relative))
+            place.fs.get(source.child(relative).path, str(staging / relative))
         (staging / SOURCE_STAMPS).write_text(json.dumps(wanted))
         old = target.with_name(f".{version}.old.{os.getpid()}")
         if target.exists():
