@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
+import functools
 import gc
 import time
 from pathlib import Path
@@ -147,13 +147,15 @@ class ModelRepository:
 
     # --- loads and unloads ----------------------------------------------------------------------------------------
 
-    async def load(self, name: str) -> list:
+    async def load(self, name: str, listing: dict | None = None) -> list:
         """Load (or reload) a model: its policy's versions from the repository as it is now, the new ones opened and
         warmed up before they take traffic, then versions no longer wanted retired. BadRequest (400) with the
-        reason when any fails: then nothing changes. Returns the versions now loaded."""
+        reason when any fails: then nothing changes. Returns the versions now loaded. ``listing``: the repository
+        as its caller has just listed it."""
         assert self.changing is not None
         async with self.changing:
-            listing = await asyncio.to_thread(self.source.listing)
+            if listing is None:
+                listing = await asyncio.to_thread(self.source.listing)
             if name not in listing:
                 raise BadRequest(f"no model {name!r} in the repository {self.options.repository}", 400)
             try:
@@ -207,15 +209,13 @@ class ModelRepository:
     def timed_load(self, model: ServedModel) -> None:
         started = time.perf_counter()
         try:
-            try:
-                model.load()
-            except UserError:
-                raise
-            except Exception as e:  # a runtime's own error for a file it cannot read
-                raise UserError(f"cannot load {model.path} ({one_line(e, 200)})") from e
-        except UserError:
+            model.load()
+        except Exception as e:
             metrics.LOADS.labels(model.name, model.version, "failed").inc()
-            raise
+            if isinstance(e, UserError):
+                raise
+            # a runtime's own error for a file it cannot read
+            raise UserError(f"cannot load {model.path} ({one_line(e, 200)})") from e
         model.load_s = time.perf_counter() - started
         metrics.LOADS.labels(model.name, model.version, "loaded").inc()
         metrics.LOAD_SECONDS.labels(model.name).observe(model.load_s)
@@ -272,7 +272,7 @@ class ModelRepository:
             if chosen == self.versions(name) or self.failed.get(name, (None,))[0] == tried:
                 continue
             try:
-                await self.load(name)
+                await self.load(name, listing)
             except BadRequest as e:  # the versions serving go on serving
                 self.log(f"Not loaded: {e}")
 
@@ -281,6 +281,13 @@ def release_memory() -> None:
     """Hand the memory of closed sessions back to the system: collected now, and glibc's free lists trimmed
     (without it, freed arenas stay in the process and RSS grows with each load)."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def malloc_trim():
+    """glibc's malloc_trim, from the symbols the process already has (None elsewhere): looked up once, since
+    ctypes.util.find_library runs a program to find a library."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
